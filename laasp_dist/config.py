@@ -1,0 +1,171 @@
+"""Run configuration: YAML file + `--set key=value` overrides, validated before anything starts.
+
+Every section forbids unknown keys, so a typo is an error rather than a silent default.
+The resolved config is saved beside the run (`config.yaml`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+from .io import atomic_write
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = "resnet20"
+    num_classes: int | None = Field(None, ge=1, description="default: the data set's class count")
+    in_channels: int = Field(3, ge=1)
+
+
+class DataConfig(_Section):
+    dataset: Literal["fashion_mnist", "cifar10", "image_folder"] = "fashion_mnist"
+    root: str | None = Field(None, description="data directory (image_folder: has train/ and val/)")
+    image_size: int = Field(224, ge=8, description="image_folder crop size")
+    val_size: float = Field(5000, gt=0, description="held-out validation images carved from train (count or fraction)")
+    train_limit: int | None = Field(None, ge=1, description="use only this many training images (quick runs)")
+    test_limit: int | None = Field(None, ge=1, description="evaluate on only this many test images")
+    batch_size: int = Field(128, ge=1, description="global batch size across all training workers")
+    eval_batch_size: int = Field(256, ge=1)
+    num_threads: int = Field(2, ge=1, description="DALI threads per worker")
+    skip_bad: bool = Field(False, description="skip corrupt/non-image files and empty classes with a warning")
+
+
+class TrainConfig(_Section):
+    total_epochs: int = Field(200, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["multistep", "cosine"] = "multistep"
+    milestones: list[int] = Field(default_factory=lambda: [60, 120, 160, 190])
+    gamma: float = Field(0.1, gt=0, le=1)
+    keep_momentum: bool = Field(True, description="slice optimizer momentum to the kept channels (False: reset, as the reference)")
+    steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimizer steps per epoch (quick runs)")
+    bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    channels_last: bool = Field(True, description="channels_last memory format on GPU (ignored on CPU)")
+
+
+class PruneConfig(_Section):
+    start_epoch: int = Field(50, ge=0)
+    target_flops_reduction: float = Field(0.5, gt=0, lt=1)
+    step_flops: float = Field(0.01, gt=0, lt=1)
+    recover_flops: float = Field(0.02, gt=0, lt=1)
+    recover_epochs: int = Field(6, ge=0)
+    max_prune_ratio: float = Field(0.75, gt=0, lt=1)
+    criteria: list[str] = Field(default_factory=lambda: ["l1", "l2", "fpgm", "cosine"], min_length=1)
+    aggregation: Literal["group", "root"] = "group"
+    search: Literal["reference", "exact", "adaptive"] = "exact"
+    subset_size: int = Field(10000, ge=1)
+    subset_shards: int = Field(8, ge=1)
+    shard_batch_size: int = Field(500, ge=1)
+    bn_recalibration: int = Field(0, ge=0, description="images of the subset used to re-estimate BN stats per candidate (0: off)")
+    adaptive_confidence: float = Field(0.999, gt=0.5, lt=1)
+
+    @model_validator(mode="after")
+    def _criteria_known(self) -> "PruneConfig":
+        from .pruning.criteria import get_criterion
+
+        for name in self.criteria:
+            get_criterion(name)
+        if len(set(self.criteria)) != len(self.criteria):
+            raise ValueError("criteria must not repeat")
+        return self
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="Ray cluster address; None starts an embedded local Ray")
+    num_workers: int = Field(2, ge=1, description="Ray Train (DDP) workers")
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, ge=1)
+    search_workers: int = Field(2, ge=1, description="Ray actors scoring candidates")
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        from .models import model_entry
+
+        model_entry(self.model.name)
+        if self.prune.start_epoch >= self.train.total_epochs:
+            raise ValueError("prune.start_epoch must be before train.total_epochs")
+        if self.prune.subset_shards > self.prune.subset_size:
+            raise ValueError("prune.subset_shards cannot exceed prune.subset_size")
+        return self
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["prune.step_flops=0.02", ...]` → nested dict; values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        _set_dotted(out, key.strip(), yaml.safe_load(raw))
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in extra.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def build_config(data: dict[str, Any]) -> RunConfig:
+    """Validate a config dict; the first problem becomes a one-line ConfigError."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        raise ConfigError(f"config error at {where}: {err['msg']}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"config error: {exc}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read YAML (if given), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping")
+    return build_config(_merge(data, parse_overrides(list(overrides))))
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    atomic_write(path, lambda p: p.write_text(text))
