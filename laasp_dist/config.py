@@ -52,6 +52,7 @@ class TrainConfig(_Section):
     steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimizer steps per epoch (quick runs)")
     bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
     channels_last: bool = Field(True, description="channels_last memory format on GPU (ignored on CPU)")
+    progress_bar: bool = Field(True, description="tqdm progress bars on the coordinator (rank 0)")
 
 
 class PruneConfig(_Section):
@@ -87,6 +88,7 @@ class RayConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
     search_workers: int = Field(2, ge=1, description="Ray actors scoring candidates")
+    collective_timeout_s: int = Field(1800, ge=10, description="torch.distributed timeout; covers a whole search round, during which non-coordinator ranks wait")
 
 
 class RunConfig(_Section):

@@ -1,0 +1,1 @@
+"""Subcommands of the `laasp-dist` CLI, one module each."""

@@ -1,0 +1,49 @@
+"""Criterion-only pruning to a FLOPs target: the classic baseline that loss-aware selection must beat.
+
+It takes the same steps as LAASP (same candidates, same step sizes and caps),
+but picks the candidate whose removed channels have the lowest normalised
+importance instead of the lowest subset loss.
+"""
+
+from __future__ import annotations
+
+from ..errors import PruningError
+from .criteria import get_criterion
+from .importance import Aggregation, group_importance, least_important
+from .network import PrunableNetwork, PruneRecord
+
+
+def prune_by_criterion(
+    net: PrunableNetwork,
+    criterion: str,
+    target_reduction: float,
+    *,
+    step_fraction: float = 0.01,
+    max_prune_ratio: float = 0.75,
+    aggregation: Aggregation = "group",
+    seed: int = 0,
+) -> list[PruneRecord]:
+    """Prune `net` in place until its MACs are down by `target_reduction`; returns the prunes made."""
+    if not 0.0 < target_reduction < 1.0:
+        raise PruningError(f"FLOPs reduction must be in (0, 1), got {target_reduction}")
+    crit = get_criterion(criterion)
+    made = []
+    step = 0
+    while net.macs_reduction < target_reduction - 1e-12:
+        best = None
+        for index, group in enumerate(net.groups):
+            k = net.step_size(group, step_fraction, max_prune_ratio, target_reduction)
+            if k < 1:
+                continue
+            scores = group_importance(group, crit, aggregation, seed=(seed + step) * 100_003 + index)
+            channels = least_important(scores, k)
+            cost = float(scores[list(channels)].mean())
+            if best is None or cost < best[0]:
+                best = (cost, group.name, channels)
+        if best is None:
+            raise PruningError(
+                f"FLOPs target {target_reduction:.1%} is unreachable with max_prune_ratio={max_prune_ratio}: "
+                f"stopped at {net.macs_reduction:.1%}")
+        made.append(net.prune(best[1], best[2], criterion))
+        step += 1
+    return made

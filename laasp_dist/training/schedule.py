@@ -1,0 +1,130 @@
+"""The LAASP schedule (SPEC §1) as a small resumable state machine, and the learning-rate schedules.
+
+Phases, in order:
+
+- ``pretrain``: train epochs 0 .. prune.start_epoch-1;
+- ``prune``: search/apply rounds until ``recover_flops`` have gone since the last
+  recovery, or the target is reached;
+- ``recover``: train ``recover_epochs`` epochs (ordinary epochs of the LR schedule),
+  then back to ``prune`` — or, once the target is reached, on to
+- ``finetune``: train up to ``train.total_epochs``;
+- ``done``.
+
+The reaching of the target is followed by its own recovery like any other
+``recover_flops`` chunk. If pruning needs more epochs than ``total_epochs`` allows,
+the run keeps going until the target is reached and its recovery is done
+(``schedule_warnings`` says so before the run starts).
+
+The whole state is a plain dict (``ScheduleState.as_dict``) so that checkpoints
+stay loadable with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..config import RunConfig
+
+EPS = 1e-9
+PHASES = ("pretrain", "prune", "recover", "finetune", "done")
+
+
+def learning_rate(config: RunConfig, epoch: int) -> float:
+    """LR of an epoch (set once at the start of every epoch, so it survives optimizer rebuilds and resumes).
+
+    multistep: lr × gamma^(number of milestones ≤ epoch); cosine: lr/2 × (1 + cos(π·epoch/total_epochs)),
+    clamped at the last epoch when pruning runs past total_epochs.
+    """
+    t = config.train
+    if t.schedule == "multistep":
+        return t.lr * t.gamma ** sum(1 for m in t.milestones if m <= epoch)
+    progress = min(epoch, t.total_epochs - 1) / t.total_epochs
+    return 0.5 * t.lr * (1.0 + math.cos(math.pi * progress))
+
+
+def estimated_prune_epochs(config: RunConfig) -> int:
+    """Epochs the pruning phase needs: one recovery per started ``recover_flops`` chunk of the target."""
+    p = config.prune
+    chunks = math.ceil(p.target_flops_reduction / p.recover_flops - EPS)
+    return chunks * p.recover_epochs
+
+
+def schedule_warnings(config: RunConfig) -> list[str]:
+    """Problems worth a warning (not an error) before a run starts."""
+    out = []
+    need = config.prune.start_epoch + estimated_prune_epochs(config)
+    if need > config.train.total_epochs:
+        out.append(
+            f"pruning to {config.prune.target_flops_reduction:.0%} needs about {need} epochs "
+            f"({config.prune.start_epoch} before pruning + {estimated_prune_epochs(config)} of recovery), more than "
+            f"train.total_epochs={config.train.total_epochs}: the run will go on until the target is reached and recovered")
+    if config.prune.recover_flops < config.prune.step_flops:
+        out.append(f"prune.recover_flops ({config.prune.recover_flops}) is below prune.step_flops "
+                   f"({config.prune.step_flops}): every round is followed by a recovery")
+    return out
+
+
+@dataclass
+class ScheduleState:
+    """Where a run stands; every field is a plain Python value."""
+
+    phase: str = "pretrain"
+    epoch: int = 0  # next epoch to train
+    rounds: int = 0  # search rounds done
+    recover_left: int = 0  # recovery epochs still to train in the current recovery
+    reduction_at_recovery: float = 0.0  # MACs reduction when the last recovery started
+    target_reached: bool = False
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ScheduleState":
+        return cls(**data)
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + float(seconds)
+
+
+def next_action(state: ScheduleState, config: RunConfig, reduction: float) -> str:
+    """Advance phase transitions that need no work and return what to do next.
+
+    Returns one of ``"train"`` (train epoch ``state.epoch``), ``"round"`` (one search/apply
+    round), ``"before_pruning"`` (measure the unpruned model, then pruning starts) or ``"done"``.
+    """
+    p, t = config.prune, config.train
+    while True:
+        if state.phase == "pretrain":
+            if state.epoch < p.start_epoch:
+                return "train"
+            state.phase = "prune"
+            return "before_pruning"
+        if state.phase == "prune":
+            reached = reduction >= p.target_flops_reduction - EPS
+            if reached or reduction - state.reduction_at_recovery >= p.recover_flops - EPS:
+                state.target_reached = reached
+                state.phase = "recover"
+                state.recover_left = p.recover_epochs
+                state.reduction_at_recovery = reduction
+                continue
+            return "round"
+        if state.phase == "recover":
+            if state.recover_left > 0:
+                return "train"
+            state.phase = "finetune" if state.target_reached else "prune"
+            continue
+        if state.phase == "finetune":
+            if state.epoch < t.total_epochs:
+                return "train"
+            state.phase = "done"
+        return "done"
+
+
+def epoch_done(state: ScheduleState) -> None:
+    """Book one trained epoch."""
+    state.epoch += 1
+    if state.phase == "recover":
+        state.recover_left -= 1

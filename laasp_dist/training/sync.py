@@ -1,0 +1,63 @@
+"""Keeping the ranks identical: broadcast from the coordinator, and a checked (not assumed) identity test."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import LaaspError
+
+
+class SyncError(LaaspError):
+    """The ranks of a run disagree (different weights after a broadcast)."""
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast(obj: Any, src: int = 0, device: torch.device | None = None) -> Any:
+    """`obj` of rank `src` on every rank (pickled; tensors travel as CPU tensors)."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=device if device is not None and device.type == "cuda" else None)
+    return box[0]
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def digest(model: nn.Module, momentum: dict[str, torch.Tensor] | None = None) -> str:
+    """SHA-256 over every parameter and buffer (name, shape, dtype, bytes), then the momentum buffers."""
+    h = hashlib.sha256()
+    items = list(model.state_dict().items()) + sorted((momentum or {}).items())
+    for name, t in items:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_identical(model: nn.Module, momentum: dict[str, torch.Tensor] | None, what: str) -> list[str]:
+    """All-gather every rank's digest; SyncError if any differs. Returns the digests (rank order)."""
+    digests = all_gather(digest(model, momentum))
+    if len(set(digests)) != 1:
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise SyncError(f"ranks {bad} hold different weights from rank 0 after {what}")
+    return digests

@@ -1,0 +1,377 @@
+"""The training loop of every Ray Train worker: `train_worker(loop_config)`.
+
+Every rank trains its shard under DDP. Rank 0 is the coordinator: it runs the
+search rounds (through `laasp_dist.search`, whose actors score candidates while
+the other ranks wait at the broadcast), applies the winner, slices the optimizer
+momentum to the kept channels, and broadcasts the slimmed model (spec + weights
++ momentum). Every rank — the coordinator included — rebuilds its network from
+that payload, wraps it in a fresh DDP and optimizer, and the ranks then compare
+an all-gathered SHA-256 of their weights and momentum (a mismatch stops the run).
+The coordinator alone writes checkpoints, TensorBoard, history.parquet,
+final/ and summary.json.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import RunConfig
+from ..io import atomic_write, write_json
+from ..pruning import Arch, PrunableNetwork, load_slim_model, network_from_spec, network_spec, save_slim_model
+from . import sync
+from .checkpoint import checkpoint_path, load_checkpoint, plain, save_checkpoint
+from .data import RankData, load_splits
+from .evaluate import accuracy_sums, evaluate, summarise
+from .momentum import load_momentum, momentum_by_name, removed_indices, slice_momentum
+from .schedule import ScheduleState, epoch_done, learning_rate, next_action
+
+CRASH_ENV = "LAASP_DIST_CRASH_AFTER_ROUND"  # test hook: the coordinator exits abruptly after checkpointing round N
+FINAL_DIR = "final"
+SUMMARY = "summary.json"
+HISTORY = "history.parquet"
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point given to `TorchTrainer`: {"config": RunConfig as a dict, "run_dir": str, "subset_dir": str}."""
+    config = RunConfig.model_validate(loop_config["config"])
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if config.ray.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cpu")
+    torch.set_num_threads(config.ray.cpus_per_worker)
+    Worker(config, Path(loop_config["run_dir"]), Path(loop_config["subset_dir"]), rank, world, device).run()
+
+
+class Worker:
+    """One rank of a run. State that only the coordinator keeps is None elsewhere."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, subset_dir: Path, rank: int, world: int,
+                 device: torch.device) -> None:
+        self.config, self.run_dir, self.subset_dir = config, run_dir, subset_dir
+        self.rank, self.world, self.device = rank, world, device
+        self.coordinator = rank == 0
+        self.splits = load_splits(config)
+        self.data = RankData(self.splits, config, rank, world, device)
+        self.arch = Arch(config.model.name, config.model.num_classes or self.splits.num_classes,
+                         config.model.in_channels, self.splits.input_size)
+        self.gpu = device.type == "cuda"
+        self.state = ScheduleState()
+        # coordinator-only records (all plain containers, all checkpointed)
+        self.history: list[dict[str, Any]] = []
+        self.epochs: list[dict[str, Any]] = []
+        self.rounds: list[dict[str, Any]] = []
+        self.sync_checks: list[dict[str, Any]] = []
+        self.before: dict[str, Any] | None = None
+        self.best: dict[str, Any] | None = None
+        self.resumed = 0
+        self.monitor = None
+        self.searcher = None
+
+    # ------------------------------------------------------------------ setup and model installation
+
+    def _initial_payload(self) -> dict[str, Any]:
+        """Coordinator: the starting network (fresh, or from the last checkpoint) and the run's records."""
+        if checkpoint_path(self.run_dir).is_file():
+            ck = load_checkpoint(self.run_dir)
+            self.history, self.epochs, self.rounds = ck["history"], ck["epochs"], ck["rounds"]
+            self.sync_checks, self.before, self.best = ck["sync_checks"], ck["before"], ck["best"]
+            self.resumed = ck["resumed"] + 1
+            torch.set_rng_state(ck["rng"])
+            return {"spec": ck["spec"], "model": ck["model"], "momentum": ck["momentum"], "schedule": ck["schedule"]}
+        torch.manual_seed(self.config.seed)
+        net = PrunableNetwork.create(self.arch)
+        return {"spec": network_spec(net), "model": _cpu_state(net.model), "momentum": {},
+                "schedule": ScheduleState().as_dict()}
+
+    def install(self, payload: dict[str, Any], what: str) -> None:
+        """Every rank: rebuild the network from a broadcast payload, a fresh DDP and optimizer; check identity."""
+        self.net = network_from_spec(payload["spec"], payload["model"])
+        model = self.net.model.to(self.device)
+        if self.gpu and self.config.train.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp: nn.Module = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.gpu else None)
+        else:
+            self.ddp = model
+        t = self.config.train
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
+                                         weight_decay=t.weight_decay)
+        load_momentum(self.optimizer, model, payload["momentum"])
+        digests = sync.check_identical(model, momentum_by_name(self.optimizer, model), what)
+        if self.coordinator:
+            self.sync_checks.append({"after": what, "round": self.state.rounds, "digests": digests})
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> None:
+        if self.coordinator:
+            from ..monitoring import RunMonitor
+
+            self.monitor = RunMonitor(self.run_dir / "tensorboard", self.config.prune.criteria)
+        payload = sync.broadcast(self._initial_payload() if self.coordinator else None, device=self.device)
+        self.state = ScheduleState.from_dict(payload["schedule"])
+        self.install(payload, "resume" if self.coordinator and self.resumed else "start")
+        del payload
+        crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+        try:
+            while True:
+                action = next_action(self.state, self.config, self.net.macs_reduction)
+                if action == "done":
+                    break
+                if action == "train":
+                    self.train_epoch()
+                elif action == "before_pruning":
+                    with self._timed("eval"):
+                        self.before = self.measure("before pruning")
+                else:
+                    with self._timed("search"):
+                        self.prune_round()
+                self.checkpoint()
+                if action == "round" and self.coordinator and crash_after and self.state.rounds == crash_after:
+                    if self.monitor:
+                        self.monitor.flush()
+                    os._exit(17)  # simulate a killed job, right after the round's checkpoint
+            self.finish()
+        finally:
+            if self.searcher is not None:
+                self.searcher.close()
+            if self.monitor is not None:
+                self.monitor.close()
+
+    @contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.state.add_time(phase, time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ training
+
+    def train_epoch(self) -> None:
+        epoch, phase = self.state.epoch, self.state.phase
+        lr = learning_rate(self.config, epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = self.data.train_batches(epoch)
+        with self._timed({"pretrain": "pretrain", "recover": "recovery"}.get(phase, "finetune")):
+            self.ddp.train()
+            sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+            bar = self._bar(len(batches), f"epoch {epoch} ({phase})")
+            for x, y in batches:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                if self.gpu and self.config.train.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.gpu and self.config.train.bf16):
+                    logits = self.ddp(x)
+                    loss = F.cross_entropy(logits.float(), y)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                with torch.no_grad():
+                    sums += accuracy_sums(logits.detach().float(), y)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if bar is not None:
+                bar.close()
+            train = summarise(sums, distributed=True)
+        with self._timed("eval"):
+            val = evaluate(self.net.model, self.data.eval_batches("val"), self.device, distributed=True,
+                           bf16=self.config.train.bf16)
+        epoch_done(self.state)
+        after_target = self.state.target_reached
+        if after_target and (self.best is None or val["top1"] > self.best["val_top1"]) and self.coordinator:
+            self.best = {"epoch": epoch, "val_top1": val["top1"], "spec": network_spec(self.net),
+                         "model": _cpu_state(self.net.model)}
+        if self.coordinator:
+            cost = self.net.cost
+            row = {"epoch": epoch, "phase": phase, "lr": lr, "train_loss": train["loss"], "train_top1": train["top1"],
+                   "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"], "macs": cost.macs,
+                   "params": cost.params, "flops_reduction": self.net.macs_reduction}
+            self.epochs.append(row)
+            self.monitor.scalars(epoch, {
+                "train/loss": train["loss"], "train/top1": train["top1"], "val/loss": val["loss"],
+                "val/top1": val["top1"], "val/top5": val["top5"], "lr": lr, "model/macs": cost.macs,
+                "model/params": cost.params, "prune/flops_reduction": self.net.macs_reduction})
+            if phase == "recover" and self.state.recover_left == 0:
+                self.monitor.widths(epoch, self.net.original_widths, self.net.widths(),
+                                    f"after recovery, {self.net.macs_reduction:.1%} FLOPs removed")
+            print(f"[laasp] epoch {epoch} ({phase}) lr {lr:.4g} train loss {train['loss']:.4f} "
+                  f"top1 {train['top1']:.4f} | val loss {val['loss']:.4f} top1 {val['top1']:.4f} | "
+                  f"FLOPs -{self.net.macs_reduction:.1%}", flush=True)
+
+    def measure(self, label: str) -> dict[str, Any]:
+        """Val and test metrics of the current network (every rank evaluates its shard)."""
+        bf16 = self.config.train.bf16
+        val = evaluate(self.net.model, self.data.eval_batches("val"), self.device, distributed=True, bf16=bf16)
+        test = evaluate(self.net.model, self.data.eval_batches("test"), self.device, distributed=True, bf16=bf16)
+        out = {"epoch": self.state.epoch, "macs": self.net.cost.macs, "params": self.net.cost.params,
+               "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+               "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"]}
+        if self.coordinator:
+            print(f"[laasp] {label}: val top1 {val['top1']:.4f} top5 {val['top5']:.4f}, "
+                  f"test top1 {test['top1']:.4f} top5 {test['top5']:.4f}", flush=True)
+        return out
+
+    # ------------------------------------------------------------------ pruning
+
+    def prune_round(self) -> None:
+        """One search/apply round: the coordinator decides and broadcasts; every rank installs the result."""
+        payload = None
+        if self.coordinator:
+            from .rounds import Searcher
+
+            if self.searcher is None:
+                self.searcher = Searcher(self.config, self.subset_dir, self.device)
+            index = self.state.rounds + 1
+            result = self.searcher.run(self.net, index)
+            winner = result.winner
+            momentum = momentum_by_name(self.optimizer, self.net.model)
+            removed = removed_indices(self.net.group(winner.group), winner.channels)
+            self.net.apply(winner)
+            shapes = {n: p.shape for n, p in self.net.model.named_parameters()}
+            sliced = slice_momentum(momentum, removed, shapes) if self.config.train.keep_momentum else {}
+            payload = {"spec": network_spec(self.net), "model": _cpu_state(self.net.model), "momentum": sliced}
+            self.history.extend(plain(r) for r in result.rows)
+            cost = self.net.cost
+            record = {"round": index, "epoch": self.state.epoch, "group": winner.group,
+                      "criterion": winner.criterion, "k": len(winner.channels), "channels": list(winner.channels),
+                      "loss": float(result.loss), "macs": cost.macs, "params": cost.params,
+                      "flops_reduction": self.net.macs_reduction, "seconds": float(result.seconds)}
+            self.rounds.append(record)
+            self.monitor.round(index, winner.group, winner.criterion, float(result.loss), self.net.macs_reduction)
+            self.monitor.scalars(index, {"prune/round_macs": cost.macs, "prune/round_params": cost.params})
+            self._bar_write(f"[laasp] round {index}: {winner.criterion} removes {len(winner.channels)} of "
+                            f"{winner.group} (loss {result.loss:.4f}) -> FLOPs -{self.net.macs_reduction:.2%}")
+        payload = sync.broadcast(payload, device=self.device)
+        self.state.rounds += 1
+        self.install(payload, f"round {self.state.rounds}")
+
+    # ------------------------------------------------------------------ persistence
+
+    def checkpoint(self) -> None:
+        if not self.coordinator:
+            return
+        model = self.net.model
+        save_checkpoint(self.run_dir, {
+            "config": self.config.model_dump(mode="json"),
+            "spec": network_spec(self.net),
+            "model": _cpu_state(model),
+            "momentum": momentum_by_name(self.optimizer, model) if self.config.train.keep_momentum else {},
+            "schedule": self.state.as_dict(),
+            "history": self.history, "epochs": self.epochs, "rounds": self.rounds,
+            "sync_checks": self.sync_checks, "before": self.before, "best": self.best,
+            "resumed": self.resumed, "rng": torch.get_rng_state(),
+        })
+        if self.history:
+            _write_history(self.run_dir / HISTORY, self.history)
+        self.monitor.flush()
+
+    def finish(self) -> None:
+        """Coordinator: save final/ (best post-pruning val model), re-measure it alone, write summary.json."""
+        if not self.coordinator:
+            sync.barrier()
+            return
+        start = time.perf_counter()
+        if self.best is not None:
+            final_net = network_from_spec(self.best["spec"], self.best["model"])
+            selected = self.best["epoch"]
+        else:
+            final_net = network_from_spec(network_spec(self.net), _cpu_state(self.net.model))
+            selected = self.state.epoch - 1
+        final_dir = save_slim_model(final_net, self.run_dir / FINAL_DIR)
+        final = measure_slim_model(final_dir, self.config, self.device)
+        self.state.add_time("final_eval", time.perf_counter() - start)
+        print(f"[laasp] final (epoch {selected}): val top1 {final['val_top1']:.4f}, test top1 {final['test_top1']:.4f}"
+              f", FLOPs -{final_net.macs_reduction:.2%}", flush=True)
+        self.monitor.widths(self.state.epoch, final_net.original_widths, final_net.widths(),
+                            f"final: {final_net.macs_reduction:.1%} FLOPs removed")
+        self.monitor.scalars(self.state.epoch, {"final/val_top1": final["val_top1"],
+                                                "final/test_top1": final["test_top1"]})
+        from ..monitoring import width_figure
+
+        fig = width_figure(final_net.original_widths, final_net.widths(),
+                           f"{self.arch.model}: {final_net.macs_reduction:.1%} FLOPs removed")
+        atomic_write(self.run_dir / "widths.png", lambda p: fig.savefig(p, format="png"))
+        base_macs, base_params = final_net.base_macs, self.before["params"] if self.before else None
+        summary = {
+            "name": self.config.name, "model": self.arch.model, "dataset": self.config.data.dataset,
+            "units": "macs = multiply-accumulates per image; flops = 2 x macs",
+            "base": {"macs": base_macs, "flops": 2 * base_macs, "params": base_params},
+            "final": {"macs": final_net.cost.macs, "flops": 2 * final_net.cost.macs, "params": final_net.cost.params},
+            "flops_reduction": final_net.macs_reduction,
+            "params_reduction": 1 - final_net.cost.params / base_params if base_params else None,
+            "target_flops_reduction": self.config.prune.target_flops_reduction,
+            "before_pruning": self.before,
+            "final_metrics": {**final, "selected_epoch": selected, "selected_by": "best held-out val top-1 "
+                              "after the target was reached" if self.best is not None else "last epoch"},
+            "epochs": self.state.epoch, "rounds": self.state.rounds, "resumed": self.resumed,
+            "winners": [{k: r[k] for k in ("round", "group", "criterion", "k", "loss", "flops_reduction")}
+                        for r in self.rounds],
+            "phase_seconds": {k: round(v, 3) for k, v in self.state.phase_seconds.items()},
+            "sync_checks": self.sync_checks,
+        }
+        write_json(self.run_dir / SUMMARY, plain(summary))
+        self.checkpoint()
+        sync.barrier()
+
+    # ------------------------------------------------------------------ progress
+
+    def _bar(self, total: int, desc: str):
+        if not (self.coordinator and self.config.train.progress_bar):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, mininterval=2.0, dynamic_ncols=True)
+
+    def _bar_write(self, text: str) -> None:
+        print(text, flush=True)
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    atomic_write(path, lambda p: frame.to_parquet(p, index=False))
+
+
+def measure_slim_model(model_dir: str | Path, config: RunConfig, device: torch.device | str = "cpu"
+                       ) -> dict[str, Any]:
+    """Load a slim model from its folder alone and measure it on the run's val and test splits (one process).
+
+    This is how summary.json's final accuracy is produced, and how anyone can re-check it.
+    """
+    from .data import eval_loader
+
+    net = load_slim_model(model_dir)
+    model = net.model.to(device)
+    splits = load_splits(config)
+    out: dict[str, Any] = {"macs": net.cost.macs, "params": net.cost.params}
+    for split in ("val", "test"):
+        loader = eval_loader(getattr(splits, split), splits, config, config.data.eval_batch_size, device=device)
+        m = evaluate(model, loader, device, bf16=config.train.bf16)
+        out.update({f"{split}_loss": m["loss"], f"{split}_top1": m["top1"], f"{split}_top5": m["top5"],
+                    f"{split}_images": m["images"]})
+    return out
