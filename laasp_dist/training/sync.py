@@ -38,6 +38,18 @@ def all_gather(obj: Any) -> list[Any]:
     return out
 
 
+def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
+    """Rank `src`'s buffers (BN running statistics) on every rank, in place.
+
+    DDP syncs buffers at the start of every training forward, so after an epoch the
+    other ranks' statistics have absorbed one more local batch; this makes the ranks
+    identical at epoch boundaries, where they are evaluated and checkpointed.
+    """
+    if _active():
+        for b in model.buffers():
+            dist.broadcast(b.data, src)
+
+
 def barrier() -> None:
     if _active():
         dist.barrier()

@@ -192,6 +192,7 @@ class Worker:
                     bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if bar is not None:
                 bar.close()
+            sync.broadcast_buffers(self.net.model)  # BN statistics of rank 0 everywhere: ranks identical again
             train = summarise(sums, distributed=True)
         with self._timed("eval"):
             val = evaluate(self.net.model, self.data.eval_batches("val"), self.device, distributed=True,
