@@ -1,0 +1,26 @@
+"""Data pipelines: small-image data sets, ImageNet-style folders through NVIDIA DALI, splits."""
+
+from data_pipelines.image_folder import (
+    DaliImageIterator,
+    ImageFolder,
+    build_dali_pipeline,
+    scan_image_folder,
+    split_image_folder,
+)
+from data_pipelines.loaders import ArrayLoader
+from data_pipelines.small_images import SMALL_DATASETS, ImageArrays, load_small_dataset
+from data_pipelines.splits import stratified_sample, stratified_split
+
+__all__ = [
+    "SMALL_DATASETS",
+    "ArrayLoader",
+    "DaliImageIterator",
+    "ImageArrays",
+    "ImageFolder",
+    "build_dali_pipeline",
+    "load_small_dataset",
+    "scan_image_folder",
+    "split_image_folder",
+    "stratified_sample",
+    "stratified_split",
+]

@@ -1,0 +1,48 @@
+"""Shared, generic fixtures: the real data sets that ship on these machines, loaded or written once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data_pipelines.make_folder import foolbox_data_dir, write_fashion_mnist_folder
+from data_pipelines.small_images import ImageArrays, load_small_dataset
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # torchvision 0.29 deprecates its image codecs (for TorchCodec, not installed here); they still work.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"
+    )
+
+
+@pytest.fixture(scope="session")
+def fashion_train() -> ImageArrays:
+    """Fashion-MNIST train split (60 000 images, 3 x 32 x 32 uint8). Do not modify it in place."""
+    return load_small_dataset("fashion_mnist", "train")
+
+
+@pytest.fixture(scope="session")
+def fashion_test() -> ImageArrays:
+    """Fashion-MNIST test split (10 000 images, 3 x 32 x 32 uint8). Do not modify it in place."""
+    return load_small_dataset("fashion_mnist", "test")
+
+
+@pytest.fixture(scope="session")
+def sample_images_dir() -> Path:
+    """The foolbox wheel's real sample images (imagenet_XX_<label>.jpg, fashionMNIST_XX_<label>.png, ...)."""
+    return foolbox_data_dir()
+
+
+@pytest.fixture(scope="session")
+def jpeg_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A read-only ImageNet-layout JPEG folder: 10 Fashion-MNIST classes at 64 x 64 (8 train, 4 val each)
+    plus class 10_photo (10 real ImageNet photos in train, 10 in val). Copy it before changing it."""
+    return write_fashion_mnist_folder(
+        tmp_path_factory.mktemp("jpeg_folder"),
+        image_size=64,
+        train_per_class=8,
+        val_per_class=4,
+        photos=True,
+    )
