@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
@@ -25,7 +26,7 @@ from ..io import write_json
 from .checkpoint import CHECKPOINT_DIR, CheckpointError, checkpoint_path, load_checkpoint
 from .data import load_splits, subset_source
 from .schedule import schedule_warnings
-from .worker import SUMMARY, train_worker
+from .worker import CRASH_ENV, SUMMARY, train_worker
 
 CONFIG_FILE = "config.yaml"
 SUBSET_DIR = "subset"
@@ -170,7 +171,8 @@ def run_job(config: RunConfig, out_dir: str | Path | None = None, resume: bool =
         trainer = TorchTrainer(
             train_loop_per_worker=train_worker,
             train_loop_config={"config": config.model_dump(mode="json"), "run_dir": str(run_dir),
-                               "subset_dir": str(subset_dir)},
+                               "subset_dir": str(subset_dir),
+                               "crash_after_round": int(os.environ.get(CRASH_ENV, "0") or 0)},
             scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                          resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo", timeout_s=r.collective_timeout_s),

@@ -31,9 +31,12 @@ from .checkpoint import checkpoint_path, load_checkpoint, plain, save_checkpoint
 from .data import RankData, load_splits
 from .evaluate import accuracy_sums, evaluate, summarise
 from .momentum import load_momentum, momentum_by_name, removed_indices, slice_momentum
+from ..pruning.steps import macs_removed
 from .schedule import ScheduleState, epoch_done, learning_rate, next_action
 
-CRASH_ENV = "LAASP_DIST_CRASH_AFTER_ROUND"  # test hook: the coordinator exits abruptly after checkpointing round N
+# Test hook: with this variable set in the driver's environment, the coordinator exits abruptly
+# (os._exit) right after checkpointing round N, as a killed job would.
+CRASH_ENV = "LAASP_DIST_CRASH_AFTER_ROUND"
 FINAL_DIR = "final"
 SUMMARY = "summary.json"
 HISTORY = "history.parquet"
@@ -53,7 +56,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     else:
         device = torch.device("cpu")
     torch.set_num_threads(config.ray.cpus_per_worker)
-    Worker(config, Path(loop_config["run_dir"]), Path(loop_config["subset_dir"]), rank, world, device).run()
+    worker = Worker(config, Path(loop_config["run_dir"]), Path(loop_config["subset_dir"]), rank, world, device)
+    worker.crash_after = int(loop_config.get("crash_after_round") or 0)
+    worker.run()
 
 
 class Worker:
@@ -80,6 +85,7 @@ class Worker:
         self.resumed = 0
         self.monitor = None
         self.searcher = None
+        self.crash_after = 0
 
     # ------------------------------------------------------------------ setup and model installation
 
@@ -129,7 +135,7 @@ class Worker:
         self.state = ScheduleState.from_dict(payload["schedule"])
         self.install(payload, "resume" if self.coordinator and self.resumed else "start")
         del payload
-        crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+        crash_after = self.crash_after
         try:
             while True:
                 action = next_action(self.state, self.config, self.net.macs_reduction)
@@ -245,6 +251,8 @@ class Worker:
             index = self.state.rounds + 1
             result = self.searcher.run(self.net, index)
             winner = result.winner
+            group = self.net.group(winner.group)
+            channel_macs = macs_removed(group, 1, self.net.cost.layer_macs) / self.net.base_macs
             momentum = momentum_by_name(self.optimizer, self.net.model)
             removed = removed_indices(self.net.group(winner.group), winner.channels)
             self.net.apply(winner)
@@ -255,7 +263,7 @@ class Worker:
             cost = self.net.cost
             record = {"round": index, "epoch": self.state.epoch, "group": winner.group,
                       "criterion": winner.criterion, "k": len(winner.channels), "channels": list(winner.channels),
-                      "loss": float(result.loss), "macs": cost.macs, "params": cost.params,
+                      "loss": float(result.loss), "channel_flops_share": channel_macs, "macs": cost.macs, "params": cost.params,
                       "flops_reduction": self.net.macs_reduction, "seconds": float(result.seconds)}
             self.rounds.append(record)
             self.monitor.round(index, winner.group, winner.criterion, float(result.loss), self.net.macs_reduction)
