@@ -185,3 +185,15 @@ def read_subset(directory: str | Path) -> SearchSubset:
                             f"the manifest says {entry['images']} as shard {i}")
         shards.append(shard)
     return SearchSubset(tuple(shards), int(manifest["num_classes"]), int(manifest["seed"]))
+
+
+def calibration_shard(subset: SearchSubset, n: int) -> Shard | None:
+    """The first `n` images of the subset as one shard (index -1), for BN recalibration; None when n is 0."""
+    if n <= 0:
+        return None
+    if n > len(subset):
+        raise DataError(f"bn_recalibration asks for {n} images, the scoring subset has only {len(subset)}")
+    parts = subset.head(n)
+    first = parts[0][0]
+    return Shard(-1, torch.cat([s.images[:k] for s, k in parts]), torch.cat([s.labels[:k] for s, k in parts]),
+                 torch.cat([s.sample_ids[:k] for s, k in parts]), first.mean, first.std)

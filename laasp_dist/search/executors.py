@@ -1,0 +1,79 @@
+"""Where shard tasks run. One contract for every backend:
+
+`start_round(net, candidates, calibration)` fixes the round's network snapshot,
+`run(tasks)` scores each `Task` (some candidates of the round on one shard) and
+returns, in task order, an array [len(task.candidates), shard size] of per-image
+losses, and `end_round()` drops the snapshot. The local executor runs the scorer
+in-process; the Ray executor (`ray_executor.py`) runs the very same scorer in
+worker actors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from ..pruning import Candidate, PrunableNetwork
+from .scoring import ScoreOptions, get_scorer
+from .subset import SearchSubset, Shard
+
+
+@dataclass(frozen=True)
+class Task:
+    """Score candidates (indices into the round's candidate list) on one shard with one scorer."""
+
+    shard: int
+    candidates: tuple[int, ...]
+    scorer: str
+
+
+class Executor(Protocol):
+    subset: SearchSubset
+    options: ScoreOptions
+
+    @property
+    def parallelism(self) -> int: ...
+
+    def start_round(self, net: PrunableNetwork, candidates: Sequence[Candidate], calibration: Shard | None) -> None: ...
+
+    def run(self, tasks: Sequence[Task]) -> list[np.ndarray]: ...
+
+    def end_round(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """Runs shard tasks one after another in this process, on the network's own device."""
+
+    def __init__(self, subset: SearchSubset, options: ScoreOptions | None = None) -> None:
+        self.subset = subset
+        self.options = options or ScoreOptions()
+        self._round: tuple[PrunableNetwork, list[Candidate], Shard | None] | None = None
+
+    @property
+    def parallelism(self) -> int:
+        return 1
+
+    def start_round(self, net: PrunableNetwork, candidates: Sequence[Candidate], calibration: Shard | None) -> None:
+        self._round = (net, list(candidates), calibration)
+
+    def run(self, tasks: Sequence[Task]) -> list[np.ndarray]:
+        assert self._round is not None, "start_round first"
+        net, candidates, calibration = self._round
+        return [get_scorer(t.scorer)(net, [candidates[i] for i in t.candidates], self.subset.shards[t.shard],
+                                     self.options, calibration) for t in tasks]
+
+    def end_round(self) -> None:
+        self._round = None
+
+    def close(self) -> None:
+        self._round = None
+
+    def __enter__(self) -> "LocalExecutor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,110 @@
+"""The pruning loop without training: rounds until the FLOPs goal, and the history table.
+
+Training interleaves recovery epochs itself and calls `search_round` directly; this
+loop is what the benchmark and the tests use, and what a `recover_epochs: 0` run is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from torch import nn
+
+from ..config import PruneConfig
+from ..errors import DataError, PruningError
+from ..io import atomic_write
+from ..pruning import PrunableNetwork, get_criterion
+from ..pruning.steps import min_width
+from .executors import Executor
+from .round import RoundResult, get_evaluator, search_round
+from .scoring import ScoreOptions
+from .subset import SearchSubset
+
+HISTORY_COLUMNS = ("round", "group", "criterion", "k", "loss", "shards_seen", "images_seen", "chosen",
+                   "macs_before", "macs_after")
+
+
+def max_reduction(net: PrunableNetwork, max_prune_ratio: float) -> float:
+    """Fraction of the original MACs gone if every group were cut to its cap at once."""
+    keep: dict[str, dict[str, float]] = {}
+    for g in net.groups:
+        frac = min(1.0, min_width(net.original_widths[g.name], max_prune_ratio) / g.width)
+        for m in g.members:
+            if isinstance(m.module, (nn.Conv2d, nn.Linear)):
+                keep.setdefault(m.name, {})[m.dim] = frac
+    modules = dict(net.model.named_modules())
+    total = 0.0
+    for name, macs in net.cost.layer_macs.items():
+        out, inp = keep.get(name, {}).get("out", 1.0), keep.get(name, {}).get("in", 1.0)
+        module = modules[name]
+        depthwise = isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+        total += macs * (min(out, inp) if depthwise else out * inp)
+    return 1.0 - total / net.base_macs
+
+
+def check_search_inputs(net: PrunableNetwork, subset: SearchSubset, cfg: PruneConfig) -> None:
+    """Every cheap check, before any work: evaluator, criteria, subset, reachability of the target."""
+    get_evaluator(cfg.search)
+    for name in cfg.criteria:
+        get_criterion(name)
+    if len(subset) == 0:
+        raise DataError("the scoring subset is empty")
+    if cfg.bn_recalibration > len(subset):
+        raise DataError(f"bn_recalibration asks for {cfg.bn_recalibration} images, "
+                        f"the scoring subset has only {len(subset)}")
+    reachable = max_reduction(net, cfg.max_prune_ratio)
+    if reachable + 1e-9 < cfg.target_flops_reduction:
+        raise PruningError(
+            f"target FLOPs reduction {cfg.target_flops_reduction:.1%} is unreachable for {net.arch.model}: with "
+            f"max_prune_ratio {cfg.max_prune_ratio} at most {reachable:.1%} of the original FLOPs can be removed")
+
+
+def prune_to_target(net: PrunableNetwork, subset: SearchSubset, cfg: PruneConfig, executor: Executor | None = None,
+                    *, seed: int = 0, options: ScoreOptions | None = None, history_path: str | Path | None = None,
+                    on_round: Callable[[RoundResult], None] | None = None, max_rounds: int | None = None
+                    ) -> list[RoundResult]:
+    """Repeat rounds (search, apply the winner) until the MACs are down by `cfg.target_flops_reduction`.
+
+    Writes the full candidate table of every round to `history_path` (Parquet) after each round.
+    """
+    check_search_inputs(net, subset, cfg)
+    results: list[RoundResult] = []
+    while net.macs_reduction < cfg.target_flops_reduction - 1e-12:
+        if max_rounds is not None and len(results) >= max_rounds:
+            break
+        result = search_round(net, subset, cfg, len(net.prunes), executor, seed=seed, options=options)
+        net.apply(result.winner)
+        result.extra["macs_after"] = net.cost.macs
+        results.append(result)
+        if history_path is not None:
+            write_history(results, history_path)
+        if on_round is not None:
+            on_round(result)
+    return results
+
+
+def history_rows(results: Sequence[RoundResult]) -> list[dict[str, Any]]:
+    return [{k: row[k] for k in HISTORY_COLUMNS} | {"channels": list(row["channels"])}
+            for r in results for row in r.table]
+
+
+def write_history(results: Sequence[RoundResult], path: str | Path) -> Path:
+    """Every round's candidate table as one Parquet file (`history.parquet`)."""
+    rows = history_rows(results)
+    schema = pa.schema([("round", pa.int32()), ("group", pa.string()), ("criterion", pa.string()),
+                        ("k", pa.int32()), ("loss", pa.float64()), ("shards_seen", pa.int32()),
+                        ("images_seen", pa.int64()), ("chosen", pa.bool_()), ("macs_before", pa.int64()),
+                        ("macs_after", pa.int64()), ("channels", pa.list_(pa.int32()))])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    atomic_write(path, lambda p: pq.write_table(table, p))
+    return Path(path)
+
+
+def read_history(path: str | Path) -> list[dict[str, Any]]:
+    try:
+        return pq.read_table(path).to_pylist()
+    except FileNotFoundError:
+        raise DataError(f"no pruning history at {path}") from None

@@ -1,0 +1,192 @@
+"""Shard tasks on Ray worker actors.
+
+* The subset's shards go into the object store once, as Arrow tables, when the
+  executor starts; an actor decodes a shard the first time it needs it and keeps
+  it on its device (GPU when it has one).
+* Per round, the network snapshot — the portable spec plus a plain state dict,
+  never a pickled module — and the candidate list go into the object store once;
+  each actor rebuilds the network once per round.
+* Tasks are handed to idle actors (a task prefers the actor its shard lives on).
+  An actor that dies mid-task is restarted by Ray (`max_restarts`) and the
+  coordinator resubmits the lost task, to whichever actor is free; a task is a
+  pure function of (snapshot, shard, candidates), so the answer does not change.
+* Without an address an embedded local Ray is started; with one, the cluster is joined.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import LaaspError
+from ..pruning import Candidate, PrunableNetwork, network_from_spec, network_spec
+from .executors import Task
+from .scoring import ScoreOptions, get_scorer
+from .subset import SearchSubset, Shard
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to `address`, or start an embedded local Ray (no dashboard) when none is running."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, ignore_reinit_error=True,
+                 log_to_driver=False)
+
+
+class SearchWorker:
+    """A Ray actor: holds shards on its device, rebuilds the round's network once, runs the shared scorer."""
+
+    def __init__(self, threads: int | None, device: str) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device if device != "cuda" or torch.cuda.is_available() else "cpu")
+        self._shards: dict[int, Shard] = {}
+        self._round: tuple[str, PrunableNetwork, list[Candidate], ScoreOptions, Shard | None] | None = None
+        self._fault_at: int | None = None
+        self._calls = 0
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def arm_fault(self, at_call: int) -> None:
+        """Test hook: the process exits (as a crash would) at the start of its `at_call`-th score call from now."""
+        self._fault_at = self._calls + at_call
+
+    def _load_round(self, ref: Any) -> tuple[PrunableNetwork, list[Candidate], ScoreOptions, Shard | None]:
+        import ray
+
+        key = ref.hex()
+        if self._round is None or self._round[0] != key:
+            self._round = None
+            snap = ray.get(ref)
+            net = network_from_spec(snap["spec"], snap["state"])
+            net.model.to(self.device)
+            calibration = Shard.from_table(snap["calibration"]) if snap["calibration"] is not None else None
+            candidates = [Candidate(g, c, tuple(ch)) for g, c, ch in snap["candidates"]]
+            self._round = (key, net, candidates, snap["options"], calibration)
+        return self._round[1:]
+
+    def score(self, round_ref: list, shard_ref: list, shard_index: int, candidates: tuple[int, ...],
+              scorer: str) -> np.ndarray:
+        import ray
+
+        self._calls += 1
+        if self._fault_at is not None and self._calls >= self._fault_at:
+            os._exit(1)
+        net, cands, options, calibration = self._load_round(round_ref[0])
+        if shard_index not in self._shards:
+            self._shards[shard_index] = Shard.from_table(ray.get(shard_ref[0]), f"shard {shard_index}")
+        shard = self._shards[shard_index]
+        return get_scorer(scorer)(net, [cands[i] for i in candidates], shard, options, calibration)
+
+
+class RayExecutor:
+    """Runs shard tasks on `num_workers` SearchWorker actors (one GPU each with `use_gpu`)."""
+
+    def __init__(self, subset: SearchSubset, num_workers: int = 2, *, options: ScoreOptions | None = None,
+                 address: str | None = None, use_gpu: bool = False, cpus_per_worker: int = 1,
+                 threads_per_worker: int | None = None, max_attempts: int = 3, num_cpus: int | None = None) -> None:
+        import ray
+
+        if num_workers < 1:
+            raise LaaspError(f"num_workers must be >= 1 (got {num_workers})")
+        ensure_ray(address, num_cpus)
+        self.subset = subset
+        self.options = options or ScoreOptions()
+        self.max_attempts = max_attempts
+        self._threads = threads_per_worker or cpus_per_worker
+        self._actor_options = dict(num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=4,
+                                   max_task_retries=0)
+        self._device = "cuda" if use_gpu else "cpu"
+        self._cls = ray.remote(SearchWorker)
+        self.actors = [self._new_actor() for _ in range(num_workers)]
+        ray.get([a.ping.remote() for a in self.actors])
+        self._shard_refs = [ray.put(s.to_table()) for s in subset.shards]
+        self._round_ref: Any = None
+
+    def _new_actor(self) -> Any:
+        return self._cls.options(**self._actor_options).remote(self._threads, self._device)
+
+    @property
+    def parallelism(self) -> int:
+        return len(self.actors)
+
+    def start_round(self, net: PrunableNetwork, candidates: Sequence[Candidate], calibration: Shard | None) -> None:
+        import ray
+
+        state = {k: v.detach().cpu() for k, v in net.model.state_dict().items()}
+        self._round_ref = ray.put({
+            "spec": network_spec(net), "state": state, "options": self.options,
+            "candidates": [(c.group, c.criterion, list(c.channels)) for c in candidates],
+            "calibration": calibration.to_table() if calibration is not None else None,
+        })
+
+    def run(self, tasks: Sequence[Task]) -> list[np.ndarray]:
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        assert self._round_ref is not None, "start_round first"
+        results: list[np.ndarray | None] = [None] * len(tasks)
+        pending = deque(range(len(tasks)))
+        attempts = [0] * len(tasks)
+        idle = deque(range(len(self.actors)))
+        inflight: dict[Any, tuple[int, int]] = {}
+        while pending or inflight:
+            while idle and pending:
+                a = idle.popleft()
+                home = [t for t in pending if tasks[t].shard % len(self.actors) == a]
+                t = home[0] if home else pending[0]
+                pending.remove(t)
+                attempts[t] += 1
+                task = tasks[t]
+                ref = self.actors[a].score.remote([self._round_ref], [self._shard_refs[task.shard]], task.shard,
+                                                  task.candidates, task.scorer)
+                inflight[ref] = (t, a)
+            done, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in done:
+                t, a = inflight.pop(ref)
+                try:
+                    results[t] = ray.get(ref)
+                except (RayActorError, ActorUnavailableError) as exc:
+                    if attempts[t] >= self.max_attempts:
+                        raise LaaspError(f"search task on shard {tasks[t].shard} failed {attempts[t]} times; "
+                                         f"last error: {type(exc).__name__}") from None
+                    if isinstance(exc, ActorDiedError) and not self._alive(a):
+                        self.actors[a] = self._new_actor()  # restarts exhausted: replace it
+                    pending.appendleft(t)
+                idle.append(a)
+        return results  # type: ignore[return-value]
+
+    def _alive(self, a: int) -> bool:
+        import ray
+
+        try:
+            ray.get(self.actors[a].ping.remote(), timeout=60)
+            return True
+        except Exception:
+            return False
+
+    def end_round(self) -> None:
+        self._round_ref = None
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
+
+    def __enter__(self) -> "RayExecutor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
