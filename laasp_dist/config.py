@@ -88,6 +88,10 @@ class RayConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
     search_workers: int = Field(2, ge=1, description="Ray actors scoring candidates")
+    search_executor: Literal["auto", "actors", "ranks", "local"] = Field(
+        "auto", description="where candidates are scored: 'actors' (search_workers Ray actors), 'ranks' (the "
+        "training ranks, idle during a round, each scoring its share of the shards on its own device), 'local' "
+        "(the coordinator alone); auto = actors on CPU, ranks with use_gpu")
     collective_timeout_s: int = Field(1800, ge=10, description="torch.distributed timeout; covers a whole search round, during which non-coordinator ranks wait")
 
 

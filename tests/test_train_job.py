@@ -98,7 +98,7 @@ def test_full_schedule_reaches_target_and_final_model_stands_alone(full_run: Pat
 
     history = pd.read_parquet(full_run / "history.parquet")
     assert history["round"].nunique() == summary["rounds"] >= 2
-    assert history.groupby("round")["winner"].sum().eq(1).all()
+    assert history.groupby("round")["chosen"].sum().eq(1).all()
     ck = torch.load(full_run / "checkpoints" / "last.pt", weights_only=True)
     assert ck["schedule"]["phase"] == "done"
 

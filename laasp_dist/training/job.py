@@ -23,10 +23,12 @@ from typing import Any
 from ..config import RunConfig, load_config, save_config
 from ..errors import ConfigError, DataError, LaaspError
 from ..io import write_json
+from ..pruning import PrunableNetwork
+from ..search import check_search_inputs, read_subset
 from .checkpoint import CHECKPOINT_DIR, CheckpointError, checkpoint_path, load_checkpoint
 from .data import load_splits, subset_source
 from .schedule import schedule_warnings
-from .worker import CRASH_ENV, SUMMARY, train_worker
+from .worker import CRASH_ENV, SUMMARY, arch_of, train_worker
 
 CONFIG_FILE = "config.yaml"
 SUBSET_DIR = "subset"
@@ -156,6 +158,7 @@ def run_job(config: RunConfig, out_dir: str | Path | None = None, resume: bool =
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / CONFIG_FILE)
     subset_dir = build_subset_dir(config, splits, run_dir / SUBSET_DIR)
+    check_search_inputs(PrunableNetwork.create(arch_of(config, splits)), read_subset(subset_dir), config.prune)
     del splits
     setup_s = time.perf_counter() - start
 

@@ -1,60 +1,95 @@
-"""The coordinator's side of a search round: a thin adapter over `laasp_dist.search`.
+"""The training job's side of a search round: which executor scores, and one call to `search_round`.
 
-`Searcher.run(net, index)` returns the round's winner, its subset loss and the
-candidate table rows (one per candidate, with the round index added).
+Executors (``ray.search_executor``):
+
+- ``actors``: the search package's `RayExecutor`, ``ray.search_workers`` Ray actors that
+  hold the subset shards; the coordinator alone calls `search_round`, the other ranks
+  wait at the broadcast that follows. The CPU default.
+- ``ranks``: every training rank calls `search_round` on its identical copy of the
+  network (checked after every install); `RankExecutor` gives rank r the tasks
+  r, r+W, r+2W, … on its own device and all-gathers the per-image losses, so every
+  rank reduces the same table and picks the same winner. Needs no extra devices:
+  the GPU default (search actors would each ask for a whole GPU, which training holds).
+- ``local``: the coordinator scores everything itself (`LocalExecutor`).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..config import RunConfig
 from ..pruning import Candidate, PrunableNetwork
+from ..search import LocalExecutor, RoundResult, ScoreOptions, SearchSubset, Task, read_subset, search_round
+from ..search.subset import Shard
+from . import sync
 
 
-@dataclass
-class RoundOutcome:
-    winner: Candidate
-    loss: float
-    rows: list[dict[str, Any]]
-    seconds: float
+def executor_kind(config: RunConfig) -> str:
+    kind = config.ray.search_executor
+    if kind == "auto":
+        return "ranks" if config.ray.use_gpu else "actors"
+    return kind
+
+
+class RankExecutor:
+    """Tasks split round-robin over the training ranks; results all-gathered (every rank gets all of them)."""
+
+    def __init__(self, subset: SearchSubset, options: ScoreOptions, rank: int, world: int) -> None:
+        self.subset, self.options, self.rank, self.world = subset, options, rank, world
+        self._local = LocalExecutor(subset, options)
+
+    @property
+    def parallelism(self) -> int:
+        return self.world
+
+    def start_round(self, net: PrunableNetwork, candidates: Sequence[Candidate], calibration: Shard | None) -> None:
+        self._local.start_round(net, candidates, calibration)
+
+    def run(self, tasks: Sequence[Task]) -> list[np.ndarray]:
+        mine = list(range(self.rank, len(tasks), self.world))
+        done = dict(zip(mine, self._local.run([tasks[i] for i in mine])))
+        merged: dict[int, np.ndarray] = {}
+        for part in sync.all_gather(done):
+            merged.update(part)
+        return [merged[i] for i in range(len(tasks))]
+
+    def end_round(self) -> None:
+        self._local.end_round()
+
+    def close(self) -> None:
+        self._local.close()
 
 
 class Searcher:
-    """Holds the subset (and the search package's actors) across rounds."""
+    """Holds the subset and the executor across the rounds of a run."""
 
-    def __init__(self, config: RunConfig, subset_dir: Path, device: torch.device) -> None:
-        from ..search.subset import read_subset
-
-        self.config, self.device = config, device
+    def __init__(self, config: RunConfig, subset_dir: Path, device: torch.device, rank: int, world: int) -> None:
+        self.config, self.kind = config, executor_kind(config)
         self.subset = read_subset(subset_dir)
+        p = config.prune
+        options = ScoreOptions(chunk_size=p.shard_batch_size, max_batch=p.shard_batch_size)
+        if self.kind == "actors":
+            from ..search import RayExecutor
 
-    def run(self, net: PrunableNetwork, index: int) -> RoundOutcome:
-        import numpy as np
+            r = config.ray
+            self.executor = RayExecutor(self.subset, r.search_workers, options=options, address=r.address,
+                                        cpus_per_worker=1, threads_per_worker=1)
+        elif self.kind == "ranks":
+            self.executor = RankExecutor(self.subset, options, rank, world)
+        else:
+            self.executor = LocalExecutor(self.subset, options)
 
-        from ..search.scoring import ScoreOptions, get_scorer
+    @property
+    def all_ranks(self) -> bool:
+        """Whether every rank takes part in a round (else the coordinator alone)."""
+        return self.kind == "ranks"
 
-        p = self.config.prune
-        start = time.perf_counter()
-        cands = net.candidates(p.criteria, p.step_flops, p.max_prune_ratio,
-                               target_reduction=p.target_flops_reduction, aggregation=p.aggregation, seed=index)
-        scorer = get_scorer("fast")
-        opts = ScoreOptions(chunk_size=p.shard_batch_size, max_batch=p.shard_batch_size)
-        sums = np.zeros(len(cands))
-        n = 0
-        for shard in self.subset.shards:
-            sums += scorer(net, cands, shard, opts, None).sum(1)
-            n += len(shard)
-        losses = sums / n
-        best = int(np.argmin(losses))
-        rows = [{"round": index, "group": c.group, "criterion": c.criterion, "k": c.k, "loss": float(l),
-                 "winner": i == best} for i, (c, l) in enumerate(zip(cands, losses))]
-        return RoundOutcome(cands[best], float(losses[best]), rows, time.perf_counter() - start)
+    def run(self, net: PrunableNetwork, index: int) -> RoundResult:
+        return search_round(net, self.subset, self.config.prune, index, self.executor, seed=self.config.seed)
 
     def close(self) -> None:
-        pass
+        self.executor.close()

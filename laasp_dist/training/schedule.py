@@ -3,8 +3,9 @@
 Phases, in order:
 
 - ``pretrain``: train epochs 0 .. prune.start_epoch-1;
-- ``prune``: search/apply rounds until ``recover_flops`` have gone since the last
-  recovery, or the target is reached;
+- ``prune``: search/apply rounds until about ``recover_flops`` have gone since the last
+  recovery (at least ``recover_flops - step_flops/2``: a step only lands near its size),
+  or the target is reached;
 - ``recover``: train ``recover_epochs`` epochs (ordinary epochs of the LR schedule),
   then back to ``prune`` — or, once the target is reached, on to
 - ``finetune``: train up to ``train.total_epochs``;
@@ -104,7 +105,10 @@ def next_action(state: ScheduleState, config: RunConfig, reduction: float) -> st
             return "before_pruning"
         if state.phase == "prune":
             reached = reduction >= p.target_flops_reduction - EPS
-            if reached or reduction - state.reduction_at_recovery >= p.recover_flops - EPS:
+            # steps are only about step_flops each: recover once the next step would overshoot the
+            # recover_flops mark by more than we are short of it
+            chunk_done = reduction - state.reduction_at_recovery >= p.recover_flops - p.step_flops / 2 - EPS
+            if reached or chunk_done:
                 state.target_reached = reached
                 state.phase = "recover"
                 state.recover_left = p.recover_epochs

@@ -42,6 +42,12 @@ SUMMARY = "summary.json"
 HISTORY = "history.parquet"
 
 
+def arch_of(config: RunConfig, splits: Any) -> Arch:
+    """The architecture a run trains: the config's model at the data's classes and input size."""
+    return Arch(config.model.name, config.model.num_classes or splits.num_classes, config.model.in_channels,
+                splits.input_size)
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Entry point given to `TorchTrainer`: {"config": RunConfig as a dict, "run_dir": str, "subset_dir": str}."""
     config = RunConfig.model_validate(loop_config["config"])
@@ -71,8 +77,7 @@ class Worker:
         self.coordinator = rank == 0
         self.splits = load_splits(config)
         self.data = RankData(self.splits, config, rank, world, device)
-        self.arch = Arch(config.model.name, config.model.num_classes or self.splits.num_classes,
-                         config.model.in_channels, self.splits.input_size)
+        self.arch = arch_of(config, self.splits)
         self.gpu = device.type == "cuda"
         self.state = ScheduleState()
         # coordinator-only records (all plain containers, all checkpointed)
@@ -242,34 +247,38 @@ class Worker:
 
     def prune_round(self) -> None:
         """One search/apply round: the coordinator decides and broadcasts; every rank installs the result."""
-        payload = None
-        if self.coordinator:
-            from .rounds import Searcher
+        from .rounds import Searcher, executor_kind
 
-            if self.searcher is None:
-                self.searcher = Searcher(self.config, self.subset_dir, self.device)
-            index = self.state.rounds + 1
-            result = self.searcher.run(self.net, index)
+        payload = None
+        index = self.state.rounds + 1
+        all_ranks = executor_kind(self.config) == "ranks"
+        if self.searcher is None and (self.coordinator or all_ranks):  # built at the first round
+            self.searcher = Searcher(self.config, self.subset_dir, self.device, self.rank, self.world)
+        result = self.searcher.run(self.net, index) if (self.coordinator or all_ranks) else None
+        if self.coordinator:
             winner = result.winner
             group = self.net.group(winner.group)
             channel_macs = macs_removed(group, 1, self.net.cost.layer_macs) / self.net.base_macs
             momentum = momentum_by_name(self.optimizer, self.net.model)
-            removed = removed_indices(self.net.group(winner.group), winner.channels)
+            removed = removed_indices(group, winner.channels)
             self.net.apply(winner)
             shapes = {n: p.shape for n, p in self.net.model.named_parameters()}
             sliced = slice_momentum(momentum, removed, shapes) if self.config.train.keep_momentum else {}
             payload = {"spec": network_spec(self.net), "model": _cpu_state(self.net.model), "momentum": sliced}
-            self.history.extend(plain(r) for r in result.rows)
+            self.history.extend(plain(r) for r in result.table)
             cost = self.net.cost
             record = {"round": index, "epoch": self.state.epoch, "group": winner.group,
                       "criterion": winner.criterion, "k": len(winner.channels), "channels": list(winner.channels),
-                      "loss": float(result.loss), "channel_flops_share": channel_macs, "macs": cost.macs, "params": cost.params,
-                      "flops_reduction": self.net.macs_reduction, "seconds": float(result.seconds)}
+                      "loss": float(result.loss), "channel_flops_share": channel_macs, "macs": cost.macs,
+                      "params": cost.params, "flops_reduction": self.net.macs_reduction,
+                      "candidates": len(result.table), "seconds": float(result.seconds)}
             self.rounds.append(record)
             self.monitor.round(index, winner.group, winner.criterion, float(result.loss), self.net.macs_reduction)
-            self.monitor.scalars(index, {"prune/round_macs": cost.macs, "prune/round_params": cost.params})
-            self._bar_write(f"[laasp] round {index}: {winner.criterion} removes {len(winner.channels)} of "
-                            f"{winner.group} (loss {result.loss:.4f}) -> FLOPs -{self.net.macs_reduction:.2%}")
+            self.monitor.scalars(index, {"prune/round_macs": cost.macs, "prune/round_params": cost.params,
+                                         "prune/round_seconds": result.seconds})
+            print(f"[laasp] round {index}: {winner.criterion} removes {len(winner.channels)} of {winner.group} "
+                  f"(subset loss {result.loss:.4f}, {len(result.table)} candidates, {result.seconds:.1f} s) "
+                  f"-> FLOPs -{self.net.macs_reduction:.2%}", flush=True)
         payload = sync.broadcast(payload, device=self.device)
         self.state.rounds += 1
         self.install(payload, f"round {self.state.rounds}")
@@ -351,19 +360,18 @@ class Worker:
 
         return tqdm(total=total, desc=desc, leave=False, mininterval=2.0, dynamic_ncols=True)
 
-    def _bar_write(self, text: str) -> None:
-        print(text, flush=True)
-
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
 def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    import pandas as pd
+    """Every round's candidate table, in the search package's history schema."""
+    from types import SimpleNamespace
 
-    frame = pd.DataFrame(rows)
-    atomic_write(path, lambda p: frame.to_parquet(p, index=False))
+    from ..search import write_history
+
+    write_history([SimpleNamespace(table=rows)], path)
 
 
 def measure_slim_model(model_dir: str | Path, config: RunConfig, device: torch.device | str = "cpu"

@@ -1,0 +1,146 @@
+"""Pieces of the training job that need no Ray: schedule, LR, momentum slicing, checkpoints, run-folder rules."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from laasp_dist.config import build_config
+from laasp_dist.errors import ConfigError, LaaspError
+from laasp_dist.pruning import Arch, PrunableNetwork
+from laasp_dist.training import CheckpointError, RunDirError
+from laasp_dist.training.checkpoint import load_checkpoint, save_checkpoint
+from laasp_dist.training.job import check_run_dir
+from laasp_dist.training.momentum import load_momentum, momentum_by_name, removed_indices, slice_momentum
+from laasp_dist.training.schedule import ScheduleState, epoch_done, learning_rate, next_action, schedule_warnings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _walk(config, step: float) -> list[str]:
+    """Actions of a whole schedule when every round removes `step` of the FLOPs."""
+    state, reduction, actions = ScheduleState(), 0.0, []
+    while (a := next_action(state, config, reduction)) != "done":
+        actions.append(a if a != "train" else f"train:{state.phase}")
+        if a == "train":
+            epoch_done(state)
+        elif a == "round":
+            reduction = min(config.prune.target_flops_reduction, reduction + step)
+            state.rounds += 1
+        assert len(actions) < 1000
+    return actions
+
+
+def test_schedule_follows_spec_order() -> None:
+    cfg = build_config({"train": {"total_epochs": 8},
+                        "prune": {"start_epoch": 2, "target_flops_reduction": 0.05, "step_flops": 0.01,
+                                  "recover_flops": 0.02, "recover_epochs": 1}})
+    actions = _walk(cfg, 0.01)
+    assert actions == (["train:pretrain"] * 2 + ["before_pruning"]
+                       + ["round", "round", "train:recover"] * 2 + ["round", "train:recover"]
+                       + ["train:finetune"] * 3)
+
+
+def test_schedule_overrun_warns_and_still_reaches_target() -> None:
+    cfg = build_config({"train": {"total_epochs": 3},
+                        "prune": {"start_epoch": 2, "target_flops_reduction": 0.1, "step_flops": 0.02,
+                                  "recover_flops": 0.02, "recover_epochs": 1}})
+    assert any("more than train.total_epochs" in w for w in schedule_warnings(cfg))
+    actions = _walk(cfg, 0.02)
+    assert actions.count("round") == 5 and actions[-1] == "train:recover"
+
+
+def test_learning_rate_schedules() -> None:
+    ms = build_config({"train": {"lr": 0.1, "milestones": [2, 4], "gamma": 0.1, "total_epochs": 6},
+                       "prune": {"start_epoch": 1}})
+    assert [round(learning_rate(ms, e), 6) for e in range(6)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    cos = build_config({"train": {"lr": 0.2, "schedule": "cosine", "total_epochs": 4}, "prune": {"start_epoch": 1}})
+    assert learning_rate(cos, 0) == pytest.approx(0.2)
+    assert learning_rate(cos, 2) == pytest.approx(0.1)
+    assert learning_rate(cos, 9) == pytest.approx(0.1 * (1 + math.cos(math.pi * 3 / 4)))
+
+
+@pytest.mark.parametrize("group_index", [0, 1, 3])
+def test_momentum_is_sliced_like_the_weights(group_index: int) -> None:
+    """With every momentum buffer set to a copy of its parameter, slicing must give the pruned parameters."""
+    torch.manual_seed(0)
+    net = PrunableNetwork.create(Arch("resnet20", 10))
+    opt = torch.optim.SGD(net.model.parameters(), lr=0.1, momentum=0.9)
+    for p in net.model.parameters():
+        opt.state[p]["momentum_buffer"] = p.detach().clone()
+    group = net.groups[group_index]
+    channels = (0, 3, 5)
+    buffers = momentum_by_name(opt, net.model)
+    removed = removed_indices(group, channels)
+    net.prune(group.name, channels)
+    new = dict(net.model.named_parameters())
+    sliced = slice_momentum(buffers, removed, {n: p.shape for n, p in new.items()})
+    assert set(sliced) == set(new)
+    for name, p in new.items():
+        assert torch.equal(sliced[name], p.detach()), name
+    opt2 = torch.optim.SGD(net.model.parameters(), lr=0.1, momentum=0.9)
+    assert load_momentum(opt2, net.model, sliced) == len(new)
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path)
+    save_checkpoint(tmp_path, {"model": {"w": torch.ones(2)}, "history": [{"round": 1, "loss": 0.5}],
+                               "rng": torch.get_rng_state()})
+    data = load_checkpoint(tmp_path)
+    assert data["history"][0]["loss"] == 0.5 and torch.equal(data["model"]["w"], torch.ones(2))
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_run_folder_rules(tmp_path: Path) -> None:
+    cfg = build_config({})
+    check_run_dir(tmp_path / "new", cfg, resume=False)  # missing: fine
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "summary.json").write_text("{}")
+    with pytest.raises(RunDirError, match="not empty"):
+        check_run_dir(tmp_path / "old", cfg, resume=False)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        check_run_dir(tmp_path / "old", cfg, resume=True)
+
+
+def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
+    from laasp_dist.config import save_config
+
+    cfg = build_config({"prune": {"step_flops": 0.02}})
+    save_config(cfg, tmp_path / "config.yaml")
+    save_checkpoint(tmp_path, {"model": {}})
+    check_run_dir(tmp_path, build_config({"prune": {"step_flops": 0.02}, "ray": {"num_workers": 4}}), resume=True)
+    with pytest.raises(ConfigError, match="prune.step_flops was 0.02"):
+        check_run_dir(tmp_path, build_config({}), resume=True)
+
+
+def test_errors_are_laasp_errors() -> None:
+    for cls in (CheckpointError, RunDirError):
+        assert issubclass(cls, LaaspError)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "train.bogus=1"], "config error at train.bogus"),
+    (["--set", "train.total_epochs=abc"], "config error at train.total_epochs"),
+    (["--resume"], "cannot resume"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "laasp_dist.cli", "run", str(REPO / "jobs" / "demo.yaml"),
+                           "--out", str(tmp_path / "run"), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_jobs_configs_validate() -> None:
+    from laasp_dist.config import load_config
+
+    for path in sorted((REPO / "jobs").glob("*.yaml")):
+        load_config(path)
