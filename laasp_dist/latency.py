@@ -1,0 +1,126 @@
+"""Latency and throughput of a slim model against the unpruned original of the same architecture.
+
+Both models run the same random input at the spec's input size, in eval mode under
+``torch.inference_mode``; each figure is the median of ``repeats`` timed forward passes
+after ``warmup`` untimed ones (CUDA is synchronised around every pass). The FLOPs ratio
+(slim MACs / original MACs) is printed beside the measured speed-up (original time /
+slim time): structured pruning only pays when the second follows the first.
+``torch.set_num_threads`` is left at PyTorch's default.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .export import resolve_model_dir
+from .models import create_model
+from .pruning import count_cost, load_slim_model
+
+
+@dataclass(frozen=True)
+class BatchTiming:
+    """Median latency (ms per batch) and throughput (images/s) of both models at one batch size."""
+
+    batch: int
+    original_ms: float
+    slim_ms: float
+    original_images_per_s: float
+    slim_images_per_s: float
+    speedup: float
+
+
+def median_ms(model: nn.Module, x: torch.Tensor, repeats: int, warmup: int, bf16: bool) -> float:
+    """Median wall time of one forward pass, in milliseconds."""
+    device = x.device.type
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = []
+    with torch.inference_mode(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+        for i in range(warmup + repeats):
+            sync()
+            start = time.perf_counter()
+            model(x)
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times)
+
+
+def _prepare(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    model = model.eval().to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def benchmark(path: str | Path, batches: list[int], device: str = "cpu", bf16: bool = False,
+              repeats: int = 20, warmup: int = 3, channels_last: bool | None = None) -> dict[str, Any]:
+    """Time the slim model under `path` (run folder or slim-model folder) against its unpruned original."""
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu or cuda (got {device!r})")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here")
+    if not batches or min(batches) < 1:
+        raise ConfigError(f"--batch sizes must be positive integers (got {batches})")
+    if repeats < 1 or warmup < 0:
+        raise ConfigError("--repeats must be >= 1 and --warmup >= 0")
+    channels_last = device == "cuda" if channels_last is None else channels_last
+    net = load_slim_model(resolve_model_dir(path))
+    arch = net.arch
+    original = create_model(arch.model, arch.num_classes, arch.in_channels)
+    original_cost, slim_cost = count_cost(original, arch.input_shape), net.cost
+    dev = torch.device(device)
+    models = {"original": _prepare(original, dev, channels_last), "slim": _prepare(net.model, dev, channels_last)}
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for batch in batches:
+        x = torch.randn((batch, *arch.input_shape), generator=gen).to(dev)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ms = {name: median_ms(m, x, repeats, warmup, bf16) for name, m in models.items()}
+        rows.append(BatchTiming(batch, round(ms["original"], 4), round(ms["slim"], 4),
+                                round(1000.0 * batch / ms["original"], 2), round(1000.0 * batch / ms["slim"], 2),
+                                round(ms["original"] / ms["slim"], 4)))
+    return {
+        "model": arch.model,
+        "input_shape": list(arch.input_shape),
+        "device": torch.cuda.get_device_name(dev) if device == "cuda" else "cpu",
+        "dtype": "bfloat16 (autocast)" if bf16 else "float32",
+        "channels_last": channels_last,
+        "threads": torch.get_num_threads(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "repeats": repeats,
+        "warmup": warmup,
+        "macs": {"original": original_cost.macs, "slim": slim_cost.macs,
+                 "ratio": round(slim_cost.macs / original_cost.macs, 6)},
+        "params": {"original": original_cost.params, "slim": slim_cost.params},
+        "batches": [asdict(r) for r in rows],
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The human-readable table of a `benchmark` report."""
+    macs, params = report["macs"], report["params"]
+    c, h, w = report["input_shape"]
+    lines = [
+        f"{report['model']} @ {c}x{h}x{w} on {report['device']} ({report['dtype']}, "
+        f"{report['threads']} threads{', channels_last' if report['channels_last'] else ''}, "
+        f"load {report['load_avg_1m']}), "
+        f"median of {report['repeats']} runs after {report['warmup']} warm-up",
+        f"MACs: original {macs['original'] / 1e6:.2f} M, slim {macs['slim'] / 1e6:.2f} M "
+        f"(ratio {macs['ratio']:.3f}, FLOPs -{1 - macs['ratio']:.1%}); params {params['original'] / 1e6:.3f} M -> "
+        f"{params['slim'] / 1e6:.3f} M",
+        f"{'batch':>6s} {'original ms':>12s} {'slim ms':>10s} {'original img/s':>15s} {'slim img/s':>11s} "
+        f"{'speed-up':>9s} {'FLOPs ratio⁻¹':>13s}",
+    ]
+    for r in report["batches"]:
+        lines.append(f"{r['batch']:6d} {r['original_ms']:12.2f} {r['slim_ms']:10.2f} "
+                     f"{r['original_images_per_s']:15.1f} {r['slim_images_per_s']:11.1f} "
+                     f"{r['speedup']:8.2f}x {1 / macs['ratio']:12.2f}x")
+    return "\n".join(lines)
