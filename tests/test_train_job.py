@@ -146,3 +146,25 @@ def test_tensorboard_has_the_scalars(full_run: Path) -> None:
     assert [e.step for e in acc.Scalars("prune/winner_loss")] == [1, 2, 3, 4]
     assert np.all(np.diff([e.value for e in acc.Scalars("model/macs")]) <= 0)
     assert "model/widths" in acc.Tags()["images"]
+
+
+@pytest.mark.timeout(240)
+def test_scoring_on_the_training_ranks_with_momentum_reset(ray_session, full_run: Path, tmp_path: Path) -> None:
+    """search_executor=ranks (the GPU default) and keep_momentum=false (the reference) complete the schedule;
+    the first round, scored on the same network and subset, gives the same candidate losses as the actors."""
+    import copy
+    import json
+
+    cfg = copy.deepcopy(TINY)
+    cfg["ray"]["search_executor"] = "ranks"
+    cfg["train"]["keep_momentum"] = False
+    summary = run_job(build_config(cfg), tmp_path / "run")
+    assert TARGET <= summary["flops_reduction"] < TARGET + 0.05
+    assert all(len(set(c["digests"])) == 1 for c in summary["sync_checks"])
+    ours = pd.read_parquet(tmp_path / "run" / "history.parquet")
+    theirs = pd.read_parquet(full_run / "history.parquet")
+    first = ours[ours["round"] == 1].reset_index(drop=True)
+    ref = theirs[theirs["round"] == 1].reset_index(drop=True)
+    assert list(first["group"]) == list(ref["group"]) and list(first["criterion"]) == list(ref["criterion"])
+    np.testing.assert_allclose(first["loss"], ref["loss"], rtol=1e-5)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"] == summary["rounds"]
