@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +151,7 @@ def run_job(config: RunConfig, out_dir: str | Path | None = None, resume: bool =
     run_dir = Path(out_dir or default_run_dir(config)).resolve()
     check_run_dir(run_dir, config, resume)
     for message in schedule_warnings(config):
-        warnings.warn(message, stacklevel=2)
+        print(f"laasp-dist: warning: {message}", file=sys.stderr)
     splits = load_splits(config)
     check_sizes(config, splits)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ final/ and summary.json.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -226,9 +227,9 @@ class Worker:
             if phase == "recover" and self.state.recover_left == 0:
                 self.monitor.widths(epoch, self.net.original_widths, self.net.widths(),
                                     f"after recovery, {self.net.macs_reduction:.1%} FLOPs removed")
-            print(f"[laasp] epoch {epoch} ({phase}) lr {lr:.4g} train loss {train['loss']:.4f} "
+            _say(f"[laasp] epoch {epoch} ({phase}) lr {lr:.4g} train loss {train['loss']:.4f} "
                   f"top1 {train['top1']:.4f} | val loss {val['loss']:.4f} top1 {val['top1']:.4f} | "
-                  f"FLOPs -{self.net.macs_reduction:.1%}", flush=True)
+                  f"FLOPs -{self.net.macs_reduction:.1%}")
 
     def measure(self, label: str) -> dict[str, Any]:
         """Val and test metrics of the current network (every rank evaluates its shard)."""
@@ -239,8 +240,8 @@ class Worker:
                "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
                "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"]}
         if self.coordinator:
-            print(f"[laasp] {label}: val top1 {val['top1']:.4f} top5 {val['top5']:.4f}, "
-                  f"test top1 {test['top1']:.4f} top5 {test['top5']:.4f}", flush=True)
+            _say(f"[laasp] {label}: val top1 {val['top1']:.4f} top5 {val['top5']:.4f}, "
+                  f"test top1 {test['top1']:.4f} top5 {test['top5']:.4f}")
         return out
 
     # ------------------------------------------------------------------ pruning
@@ -276,9 +277,9 @@ class Worker:
             self.monitor.round(index, winner.group, winner.criterion, float(result.loss), self.net.macs_reduction)
             self.monitor.scalars(index, {"prune/round_macs": cost.macs, "prune/round_params": cost.params,
                                          "prune/round_seconds": result.seconds})
-            print(f"[laasp] round {index}: {winner.criterion} removes {len(winner.channels)} of {winner.group} "
+            _say(f"[laasp] round {index}: {winner.criterion} removes {len(winner.channels)} of {winner.group} "
                   f"(subset loss {result.loss:.4f}, {len(result.table)} candidates, {result.seconds:.1f} s) "
-                  f"-> FLOPs -{self.net.macs_reduction:.2%}", flush=True)
+                  f"-> FLOPs -{self.net.macs_reduction:.2%}")
         payload = sync.broadcast(payload, device=self.device)
         self.state.rounds += 1
         self.install(payload, f"round {self.state.rounds}")
@@ -318,8 +319,8 @@ class Worker:
         final_dir = save_slim_model(final_net, self.run_dir / FINAL_DIR)
         final = measure_slim_model(final_dir, self.config, self.device)
         self.state.add_time("final_eval", time.perf_counter() - start)
-        print(f"[laasp] final (epoch {selected}): val top1 {final['val_top1']:.4f}, test top1 {final['test_top1']:.4f}"
-              f", FLOPs -{final_net.macs_reduction:.2%}", flush=True)
+        _say(f"[laasp] final (epoch {selected}): val top1 {final['val_top1']:.4f}, test top1 {final['test_top1']:.4f}"
+              f", FLOPs -{final_net.macs_reduction:.2%}")
         self.monitor.widths(self.state.epoch, final_net.original_widths, final_net.widths(),
                             f"final: {final_net.macs_reduction:.1%} FLOPs removed")
         self.monitor.scalars(self.state.epoch, {"final/val_top1": final["val_top1"],
@@ -359,6 +360,13 @@ class Worker:
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=desc, leave=False, mininterval=2.0, dynamic_ncols=True)
+
+
+def _say(text: str) -> None:
+    """One progress line on the worker's stdout (Ray Train patches `print` to also log, which doubles lines)."""
+    stream = sys.__stdout__ or sys.stdout
+    stream.write(text + "\n")
+    stream.flush()
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
