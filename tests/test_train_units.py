@@ -144,3 +144,21 @@ def test_jobs_configs_validate() -> None:
 
     for path in sorted((REPO / "jobs").glob("*.yaml")):
         load_config(path)
+
+
+def test_worker_errors_come_back_as_one_laasp_line() -> None:
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from laasp_dist.errors import DataError
+    from laasp_dist.training.job import _first_laasp_error
+
+    inner = DataError("3 images are too few")
+    try:
+        try:
+            raise inner
+        except DataError as exc:
+            raise RuntimeError("wrapped") from exc
+    except RuntimeError as wrapped:
+        err = WorkerGroupError("Training failed", {1: wrapped})
+    assert _first_laasp_error(err) is inner
+    assert _first_laasp_error(WorkerGroupError("x", {0: RuntimeError("y")})) is None

@@ -92,6 +92,10 @@ def check_sizes(config: RunConfig, splits: Any) -> None:
     if config.prune.subset_size > len(splits.train):
         raise DataError(f"prune.subset_size={config.prune.subset_size} exceeds the {len(splits.train)} "
                         f"training images")
+    per_rank = config.data.batch_size // config.ray.num_workers
+    if len(splits.train) // config.ray.num_workers < per_rank:
+        raise DataError(f"{len(splits.train)} training images are too few for {config.ray.num_workers} workers "
+                        f"with batches of {per_rank}")
     if config.model.num_classes not in (None, splits.num_classes):
         raise ConfigError(f"model.num_classes={config.model.num_classes} but {config.data.dataset} has "
                           f"{splits.num_classes} classes")
