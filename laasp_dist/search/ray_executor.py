@@ -132,14 +132,15 @@ class RayExecutor:
 
     def run(self, tasks: Sequence[Task]) -> list[np.ndarray]:
         import ray
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
         assert self._round_ref is not None, "start_round first"
         results: list[np.ndarray | None] = [None] * len(tasks)
         pending = deque(range(len(tasks)))
         attempts = [0] * len(tasks)
         idle = deque(range(len(self.actors)))
-        inflight: dict[Any, tuple[int, int]] = {}
+        inflight: dict[Any, tuple[int, int]] = {}  # task ref -> (task, actor)
+        recovering: dict[Any, int] = {}  # ping ref -> actor being restarted
         while pending or inflight:
             while idle and pending:
                 a = idle.popleft()
@@ -151,29 +152,44 @@ class RayExecutor:
                 ref = self.actors[a].score.remote([self._round_ref], [self._shard_refs[task.shard]], task.shard,
                                                   task.candidates, task.scorer)
                 inflight[ref] = (t, a)
-            done, _ = ray.wait(list(inflight), num_returns=1)
+            done, _ = ray.wait(list(inflight) + list(recovering), num_returns=1)
             for ref in done:
+                if ref in recovering:
+                    a = recovering.pop(ref)
+                    self._recover(a, ref, recovering, idle)
+                    continue
                 t, a = inflight.pop(ref)
                 try:
                     results[t] = ray.get(ref)
+                    idle.append(a)
                 except (RayActorError, ActorUnavailableError) as exc:
                     if attempts[t] >= self.max_attempts:
                         raise LaaspError(f"search task on shard {tasks[t].shard} failed {attempts[t]} times; "
                                          f"last error: {type(exc).__name__}") from None
-                    if isinstance(exc, ActorDiedError) and not self._alive(a):
-                        self.actors[a] = self._new_actor()  # restarts exhausted: replace it
-                    pending.appendleft(t)
-                idle.append(a)
+                    pending.appendleft(t)  # resubmitted to whichever actor is free first
+                    recovering[self.actors[a].ping.remote()] = a
+        while recovering:  # let restarting actors settle before the next round
+            ref = ray.wait(list(recovering), num_returns=1)[0][0]
+            self._recover(recovering.pop(ref), ref, recovering, deque())
         return results  # type: ignore[return-value]
 
-    def _alive(self, a: int) -> bool:
+    def _recover(self, a: int, ping: Any, recovering: dict[Any, int], idle: deque) -> None:
+        """A failed actor answered (or not) its ping: back to work, ping again while Ray restarts it,
+        or replace it when it is gone for good (restarts exhausted)."""
+        import time
+
         import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
         try:
-            ray.get(self.actors[a].ping.remote(), timeout=60)
-            return True
-        except Exception:
-            return False
+            ray.get(ping)
+            idle.append(a)
+            return
+        except ActorUnavailableError:  # still restarting
+            time.sleep(0.05)
+        except RayActorError:
+            self.actors[a] = self._new_actor()
+        recovering[self.actors[a].ping.remote()] = a
 
     def end_round(self) -> None:
         self._round_ref = None
