@@ -1,0 +1,262 @@
+"""cluster/: the launcher and KubeRay definitions are well formed and name real commands and
+job configs; cluster/local_cluster.sh starts a two-node Ray cluster on this machine that
+runs `ray job submit` jobs (a FLOPs count, and a tiny LAASP run whose two Ray Train
+workers sit on different nodes), and is always stopped again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import tomllib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from laasp_dist.cli import COMMANDS
+from laasp_dist.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+LAUNCHER = CLUSTER / "aws-gpu.yaml"
+RAYJOB = CLUSTER / "kuberay" / "rayjob.yaml"
+DOCS = ROOT / "docs" / "cluster.md"
+SCRIPT = CLUSTER / "local_cluster.sh"
+VENV = Path(sys.executable).parent.parent
+RAY = VENV / "bin" / "ray"
+JOB_CONFIG = re.compile(r"(?:/app/)?(jobs/[\w.-]+\.ya?ml)")
+CONSOLE_SCRIPT = re.compile(r"laasp-[a-z][\w-]*")
+
+
+def _yaml_files() -> list[Path]:
+    return sorted(CLUSTER.rglob("*.yaml"))
+
+
+def _launcher() -> dict[str, Any]:
+    return yaml.safe_load(LAUNCHER.read_text())
+
+
+def _commands() -> dict[str, str]:
+    """Every shell command of the cluster definitions and the docs' code blocks, by where it is from."""
+    cfg = _launcher()
+    out = {f"{LAUNCHER.name}:{key}[{i}]": cmd for key in ("setup_commands", "head_setup_commands",
+                                                          "worker_setup_commands", "head_start_ray_commands",
+                                                          "worker_start_ray_commands")
+           for i, cmd in enumerate(cfg.get(key) or [])}
+    for path in _yaml_files():
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") == "RayJob":
+                out[f"{path.name}:entrypoint"] = doc["spec"]["entrypoint"]
+    if DOCS.is_file():
+        blocks = re.findall(r"```(?:bash|sh|shell)?\n(.*?)```", DOCS.read_text(), flags=re.S)
+        lines = " ".join(blocks).replace("\\\n", " ").splitlines()
+        out.update({f"{DOCS.name}:{i}": line for i, line in enumerate(lines) if "laasp-dist " in line})
+    return out
+
+
+def _laasp_invocations(command: str) -> list[list[str]]:
+    """The argument lists of every `laasp-dist ...` call in a shell command."""
+    calls, current = [], None
+    for token in shlex.split(command, comments=False):
+        if token in (";", "&&", "||", "|") or token.endswith(";"):
+            current = None
+        elif CONSOLE_SCRIPT.fullmatch(token):
+            current = [token]
+            calls.append(current)
+        elif current is not None:
+            current.append(token)
+    return calls
+
+
+@pytest.mark.timeout(60)
+def test_every_cluster_yaml_parses() -> None:
+    files = _yaml_files()
+    assert {f.relative_to(CLUSTER).as_posix() for f in files} >= {"aws-gpu.yaml", "kuberay/raycluster.yaml",
+                                                                   "kuberay/rayjob.yaml"}
+    for path in files:
+        docs = list(yaml.safe_load_all(path.read_text()))
+        assert docs and all(isinstance(d, dict) for d in docs), path
+
+
+@pytest.mark.timeout(60)
+def test_launcher_config_satisfies_rays_schema() -> None:
+    from ray.autoscaler._private.util import validate_config
+
+    cfg = _launcher()
+    assert {"cluster_name", "provider", "available_node_types", "head_node_type", "setup_commands"} <= cfg.keys()
+    validate_config(cfg)  # the JSON schema `ray up` checks before it launches anything
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    gpu_types = [t for t in types.values() if re.match(r"(g5|g6|p4d|p5)\.", t["node_config"]["InstanceType"])]
+    assert gpu_types and all(t["max_workers"] >= 1 for t in gpu_types)
+    install = " ".join(cfg["setup_commands"])
+    assert "requirements.lock" in install and '-e ".[dali' in install
+    assert cfg["file_mounts"]["~/laasp-dist"] == "."
+
+
+@pytest.mark.timeout(60)
+def test_kuberay_manifests_have_a_gpu_worker_group() -> None:
+    (cluster,) = yaml.safe_load_all((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
+    (job,) = yaml.safe_load_all(RAYJOB.read_text())
+    assert (cluster["apiVersion"], cluster["kind"], job["apiVersion"], job["kind"]) == (
+        "ray.io/v1", "RayCluster", "ray.io/v1", "RayJob")
+    (group,) = cluster["spec"]["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert int(limits["nvidia.com/gpu"]) >= 1
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
+    assert job["spec"]["entrypoint"].startswith("laasp-dist run ")
+
+
+@pytest.mark.timeout(60)
+def test_commands_name_existing_scripts_and_job_configs() -> None:
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    referenced: set[str] = set()
+    for where, command in _commands().items():
+        for call in _laasp_invocations(command):
+            assert call[0] in scripts, f"{where}: {call[0]} is not a console script of the project"
+            if len(call) > 1 and not call[1].startswith("-"):
+                assert call[1] in COMMANDS, f"{where}: laasp-dist has no subcommand {call[1]!r}"
+        for config in JOB_CONFIG.findall(command):
+            assert (ROOT / config).is_file(), f"{where}: {config} does not exist"
+            referenced.add(config)
+            for call in _laasp_invocations(command):
+                if call[1:2] == ["run"]:  # the config and its --set overrides must validate
+                    sets = [call[i + 1] for i, t in enumerate(call[:-1]) if t == "--set"]
+                    load_config(ROOT / config, sets)
+    assert {"jobs/demo.yaml", "jobs/resnet50_imagenet.yaml"} <= referenced
+
+
+# --- the local two-node cluster -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalCluster:
+    gcs: str
+    jobs_url: str
+    env: dict[str, str]  # what a client needs (token, usage stats off)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, env=env, cwd=ROOT, timeout=timeout, capture_output=True, text=True)
+
+
+def _client_python(code: str, cluster: LocalCluster, timeout: float = 60) -> Any:
+    """Run `code` (which prints one JSON value last) in a fresh interpreter connected to the cluster."""
+    res = _run([sys.executable, "-c", code], cluster.env, timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def local_cluster() -> Iterator[LocalCluster]:
+    if not RAY.is_file():
+        pytest.skip(f"no ray CLI at {RAY}")
+    state = Path(tempfile.mkdtemp(prefix="lc-", dir="/tmp"))  # short: Ray's socket paths live under it
+    gcs, dashboard, client = _free_ports(3)
+    env = {**os.environ, "LAASP_CLUSTER_DIR": str(state), "LAASP_RAY_PORT": str(gcs),
+           "LAASP_DASHBOARD_PORT": str(dashboard), "LAASP_CLIENT_PORT": str(client), "LAASP_VENV": str(VENV),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        started = _run(["bash", str(SCRIPT), "start"], env, timeout=180)
+        assert started.returncode == 0, started.stdout + started.stderr
+        exports = _run(["bash", str(SCRIPT), "env"], env, timeout=30).stdout
+        client_env = dict(env)
+        for line in exports.splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            client_env[key] = shlex.split(value)[0]
+        yield LocalCluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", client_env)
+    finally:
+        _run(["bash", str(SCRIPT), "stop"], env, timeout=60)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _submit(cluster: LocalCluster, entrypoint: list[str], timeout: float, **env_vars: str) -> tuple[str, str]:
+    """`ray job submit` (blocking) from the repository root; returns (submission id, the job's logs)."""
+    job_id = f"laasp-test-{uuid.uuid4().hex[:8]}"
+    runtime_env = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
+    res = _run([str(RAY), "job", "submit", "--address", cluster.jobs_url, "--submission-id", job_id,
+                "--working-dir", ".", *runtime_env, "--", *entrypoint], cluster.env, timeout)
+    status = _run([str(RAY), "job", "status", "--address", cluster.jobs_url, job_id], cluster.env, 60)
+    logs = _run([str(RAY), "job", "logs", "--address", cluster.jobs_url, job_id], cluster.env, 60).stdout
+    assert res.returncode == 0 and "succeeded" in status.stdout.lower(), (res.stdout + res.stderr)[-4000:]
+    return job_id, logs
+
+
+@pytest.mark.timeout(240)
+def test_local_cluster_has_two_alive_nodes(local_cluster: LocalCluster) -> None:
+    nodes = _client_python(
+        "import json, ray\n"
+        f"ray.init(address={local_cluster.gcs!r}, logging_level='ERROR', log_to_driver=False)\n"
+        "print(json.dumps([{'alive': n['Alive'], 'resources': n['Resources']} for n in ray.nodes()]))",
+        local_cluster)
+    assert [n["alive"] for n in nodes] == [True, True]
+    assert sorted(k for n in nodes for k in n["resources"] if k.startswith("node_")) == ["node_head", "node_worker"]
+    assert all(n["resources"]["CPU"] == 2 for n in nodes)
+    if shutil.which("ss"):  # the job API listens on loopback only
+        port = local_cluster.jobs_url.rsplit(":", 1)[1]
+        listening = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout.split()
+        assert [a for a in listening if a.endswith(f":{port}")] == [f"127.0.0.1:{port}"]
+
+
+@pytest.mark.timeout(180)
+def test_flops_job_runs_on_the_cluster(local_cluster: LocalCluster) -> None:
+    from laasp_dist.models import create_model
+    from laasp_dist.pruning import count_cost
+
+    _, logs = _submit(local_cluster, ["laasp-dist", "flops", "resnet20", "--json"], timeout=150)
+    (line,) = [ln for ln in logs.splitlines() if ln.startswith("{")]
+    result = json.loads(line)
+    assert result["model"] == "resnet20"
+    assert result["macs"] == count_cost(create_model("resnet20", 10, 3), (3, 32, 32)).macs
+
+
+TINY_RUN = [
+    "ray.address=auto", "ray.num_workers=2", "ray.cpus_per_worker=2", "ray.search_executor=ranks",
+    "data.train_limit=200", "data.val_size=64", "data.test_limit=100", "data.batch_size=32",
+    "data.eval_batch_size=100", "train.total_epochs=2", "train.steps_per_epoch=1", "train.progress_bar=false",
+    "prune.start_epoch=1", "prune.target_flops_reduction=0.05", "prune.step_flops=0.05", "prune.recover_flops=0.1",
+    "prune.subset_size=32", "prune.subset_shards=2", "prune.criteria=[l1,fpgm]",
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not (ROOT / "laasp_dist" / "commands" / "run.py").is_file(), reason="no `laasp-dist run` yet")
+def test_run_job_trains_across_both_nodes(local_cluster: LocalCluster, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    # Each of the 2 workers asks for 2 CPUs and each node has 2: they cannot share a node, and the
+    # candidate search runs on the training ranks (search actors would find no CPU left).
+    sets = [arg for s in TINY_RUN for arg in ("--set", s)]
+    job_id, logs = _submit(local_cluster, ["laasp-dist", "run", "jobs/demo.yaml", *sets, "--out", str(out)],
+                           timeout=260, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1")
+    assert (out / "final" / "spec.json").is_file() and (out / "summary.json").is_file(), logs[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["flops_reduction"] >= 0.05 - 1e-9
+    worker_nodes = _client_python(
+        "import json\nfrom ray.util.state import list_actors\n"
+        f"actors = list_actors(address={local_cluster.jobs_url!r}, filters=[('class_name', '=', 'RayTrainWorker')],"
+        " detail=True, raise_on_missing_output=False)\n"
+        "print(json.dumps(sorted({a.node_id for a in actors})))",
+        local_cluster)
+    assert len(worker_nodes) == 2, f"Train workers of {job_id} ran on {worker_nodes}"
