@@ -189,8 +189,10 @@ def run_job(config: RunConfig, out_dir: str | Path | None = None, resume: bool =
             trainer.fit()
         except Exception as exc:  # Ray wraps worker errors; surface ours as one line
             inner = _first_laasp_error(exc)
-            if inner is not None:
-                raise type(inner)(str(inner).strip().splitlines()[0]) from None
+            if inner is not None:  # Ray may hand back a derived class: rebuild ours
+                cls = next(c for c in type(inner).__mro__ if issubclass(c, LaaspError)
+                           and c.__module__.startswith("laasp_dist"))
+                raise cls((str(inner).strip().splitlines() or [""])[0]) from None
             raise TrainingError(f"training failed: {_one_line(exc)}") from None
     finally:
         if started:
