@@ -1,0 +1,216 @@
+"""`laasp-dist bench-search`: time one candidate-search round with every evaluator and backend.
+
+A benchmark, not a test. The network is first trained briefly on Fashion-MNIST
+(or loaded with --weights), because on a random-init network the winner is
+arbitrary. Then the same round is scored by the reference evaluator (copy, trace,
+prune, forward), exact fast, adaptive, and the Ray executor with each --workers
+count (one torch thread per worker). Reported: seconds per round, candidates/s,
+speed-up vs reference, whether the winner is the reference's, and the largest
+relative loss difference to the reference. `--agreement TARGET` also runs a whole
+pruning run (exact winners applied) and scores every round adaptively as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import PruneConfig
+from ..errors import ConfigError
+from ..pruning import Arch, PrunableNetwork, load_slim_model, save_slim_model
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench-search", help="benchmark one candidate-search round (reference/exact/adaptive/Ray)")
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--subset", type=int, default=1000, help="scoring subset size (Fashion-MNIST train)")
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--criteria", default="l1,l2,fpgm,cosine")
+    p.add_argument("--step-flops", type=float, default=0.01)
+    p.add_argument("--workers", default="1,2", help="Ray worker counts to time ('' for none)")
+    p.add_argument("--evaluators", default="reference,exact,adaptive")
+    p.add_argument("--reference-candidates", type=int, default=0,
+                   help="time the reference on this many evenly spread candidates and extrapolate (0: all)")
+    p.add_argument("--train-steps", type=int, default=200, help="warm-up SGD steps (batch 128) before the round")
+    p.add_argument("--weights", default=None, help="slim-model dir to start from instead of training")
+    p.add_argument("--save-weights", default=None, help="write the warmed-up network here (slim-model dir)")
+    p.add_argument("--chunk", type=int, default=500, help="images per data chunk")
+    p.add_argument("--max-batch", type=int, default=None, help="images per forward (default: --chunk)")
+    p.add_argument("--confidence", type=float, default=0.999, help="adaptive: one-sided confidence")
+    p.add_argument("--agreement", type=float, default=None,
+                   help="also prune to this FLOPs reduction and count rounds where adaptive picks exact's winner")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def _warm_up(net: PrunableNetwork, data: Any, steps: int, seed: int) -> float:
+    """A few plain SGD steps on Fashion-MNIST train (bench only; training proper lives elsewhere)."""
+    if steps <= 0:
+        return 0.0
+    g = torch.Generator().manual_seed(seed)
+    model = net.model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.std).view(1, -1, 1, 1)
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(data), (128,), generator=g)
+        x = (data.images[idx].float() / 255 - mean) / std
+        loss = torch.nn.functional.cross_entropy(model(x), data.labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return float(loss.detach())
+
+
+def _row(name: str, result: Any, ref: Any, ref_seconds: float | None, ref_name: str = "reference") -> dict[str, Any]:
+    n = len(result.table)
+    row = {"method": name, "seconds": round(result.seconds, 2), "candidates": n,
+           "candidates_per_s": round(n / result.seconds, 3),
+           "winner": f"{result.winner.group}/{result.winner.criterion}/k={result.winner.k}", "loss": result.loss,
+           "image_evaluations": result.image_evaluations}
+    if ref is not None:
+        full = np.array([r["shards_seen"] for r in result.table]) == max(r["shards_seen"] for r in result.table)
+        rel = np.abs(result.losses - ref.losses) / np.abs(ref.losses)
+        row["same_winner"] = result.winner == ref.winner
+        row["compared_to"] = ref_name
+        row["max_rel_loss_diff"] = float(rel[full & ~np.isnan(rel)].max()) if (full & ~np.isnan(rel)).any() else None
+    if ref_seconds:
+        row["speedup_vs_reference"] = round(ref_seconds / result.seconds, 2)
+    return row
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from data_pipelines.small_images import load_small_dataset
+
+    from ..search import LocalExecutor, ScoreOptions, build_subset, search_round
+    from ..search.round import RoundResult, round_candidates
+    from ..search.scoring import score_reference
+
+    criteria = [c for c in args.criteria.split(",") if c]
+    evaluators = [e for e in args.evaluators.split(",") if e]
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    if any(e not in ("reference", "exact", "adaptive") for e in evaluators):
+        raise ConfigError(f"--evaluators takes reference, exact, adaptive (got {args.evaluators})")
+    data = load_small_dataset("fashion_mnist", "train")
+    torch.manual_seed(args.seed)
+    if args.weights:
+        net = load_slim_model(args.weights)
+        train_loss = None
+    else:
+        net = PrunableNetwork.create(Arch(args.model, data.num_classes, 3, 32))
+        train_loss = _warm_up(net, data, args.train_steps, args.seed)
+    if args.save_weights:
+        save_slim_model(net, args.save_weights)
+    net.model.eval()
+    subset = build_subset(data, args.subset, args.shards, args.seed)
+    options = ScoreOptions(args.chunk, args.max_batch or args.chunk)
+
+    def cfg(search: str, target: float = 0.9) -> PruneConfig:
+        return PruneConfig(criteria=criteria, step_flops=args.step_flops, search=search, subset_size=args.subset,
+                           subset_shards=args.shards, shard_batch_size=args.chunk, target_flops_reduction=target,
+                           adaptive_confidence=args.confidence, max_prune_ratio=0.75)
+
+    rows: list[dict[str, Any]] = []
+    results: dict[str, RoundResult] = {}
+    ref, ref_seconds = None, None
+    if "reference" in evaluators:
+        if args.reference_candidates:
+            cands = round_candidates(net, cfg("reference"), seed=args.seed * 1_000_003)
+            pick = np.linspace(0, len(cands) - 1, min(args.reference_candidates, len(cands))).round().astype(int)
+            start = time.perf_counter()
+            for s in subset.shards:
+                score_reference(net, [cands[i] for i in pick], s, options)
+            ref_seconds = (time.perf_counter() - start) * len(cands) / len(pick)
+            rows.append({"method": "reference", "seconds": round(ref_seconds, 2), "candidates": len(cands),
+                         "candidates_per_s": round(len(cands) / ref_seconds, 3), "extrapolated": True,
+                         "measured_candidates": int(len(pick)), "speedup_vs_reference": 1.0})
+        else:
+            ref = search_round(net, subset, cfg("reference"), executor=LocalExecutor(subset, options), seed=args.seed)
+            ref_seconds = ref.seconds
+            rows.append(_row("reference", ref, ref, ref_seconds))
+            results["reference"] = ref
+    for name in ("exact", "adaptive"):
+        if name in evaluators:
+            r = search_round(net, subset, cfg(name), executor=LocalExecutor(subset, options), seed=args.seed)
+            results[name] = r
+            rows.append(_row(name, r, ref or results.get("exact"), ref_seconds, "reference" if ref else "exact"))
+    ray_seconds = {}
+    if workers:
+        import ray
+
+        from ..search.ray_executor import RayExecutor
+
+        ray.init(num_cpus=max(max(workers), os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        try:
+            for w in workers:
+                with RayExecutor(subset, w, options=options, threads_per_worker=1) as ex:
+                    r = search_round(net, subset, cfg("exact"), executor=ex, seed=args.seed)
+                ray_seconds[w] = r.seconds
+                rows.append(_row(f"ray exact, {w} worker{'s' if w > 1 else ''}", r, ref or results.get("exact"),
+                                 ref_seconds, "reference" if ref else "exact"))
+        finally:
+            ray.shutdown()
+    summary: dict[str, Any] = {
+        "model": args.model, "subset": args.subset, "shards": args.shards, "criteria": criteria,
+        "step_flops": args.step_flops, "train_steps": 0 if args.weights else args.train_steps,
+        "warm_up_loss": train_loss, "macs": net.cost.macs, "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "machine": platform.machine(), "rows": rows,
+    }
+    if 1 in ray_seconds and len(ray_seconds) > 1:
+        summary["parallel_efficiency"] = {w: round(ray_seconds[1] / (w * s), 3) for w, s in ray_seconds.items() if w > 1}
+    if args.agreement:
+        summary["agreement"] = _agreement(net, subset, cfg, args.agreement, options, args.seed)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print(summary)
+    return 0
+
+
+def _agreement(net: PrunableNetwork, subset: Any, cfg: Any, target: float, options: Any, seed: int) -> dict[str, Any]:
+    """Prune to `target` applying exact winners; score every round adaptively too and compare."""
+    from ..search import LocalExecutor, search_round
+
+    ex = LocalExecutor(subset, options)
+    rounds, agree, t_exact, t_adapt, regret = 0, 0, 0.0, 0.0, []
+    while net.macs_reduction < target - 1e-12:
+        e = search_round(net, subset, cfg("exact", target), len(net.prunes), ex, seed=seed)
+        a = search_round(net, subset, cfg("adaptive", target), len(net.prunes), ex, seed=seed)
+        rounds += 1
+        agree += a.winner == e.winner
+        t_exact += e.seconds
+        t_adapt += a.seconds
+        chosen = e.candidates.index(a.winner)
+        regret.append(float(e.losses[chosen] - e.loss))
+        net.apply(e.winner)
+    return {"target": target, "rounds": rounds, "same_winner": agree, "rate": round(agree / max(rounds, 1), 4),
+            "max_loss_regret": max(regret, default=0.0), "exact_seconds": round(t_exact, 1),
+            "adaptive_seconds": round(t_adapt, 1), "adaptive_speedup": round(t_exact / max(t_adapt, 1e-9), 2)}
+
+
+def _print(s: dict[str, Any]) -> None:
+    print(f"{s['model']}: {s['macs'] / 1e6:.1f} M MACs, subset {s['subset']} in {s['shards']} shards, "
+          f"criteria {','.join(s['criteria'])}, warm-up {s['train_steps']} steps")
+    print(f"{'method':24s} {'s/round':>9s} {'cand/s':>8s} {'speed-up':>9s} {'same winner':>13s} {'max rel diff':>13s}")
+    for r in s["rows"]:
+        same = r.get("same_winner")
+        same = None if same is None else f"{same} ({r['compared_to'][:3]})"
+        diff = r.get("max_rel_loss_diff")
+        print(f"{r['method'] + (' (extrap.)' if r.get('extrapolated') else ''):24s} {r['seconds']:9.1f} "
+              f"{r['candidates_per_s']:8.2f} {r.get('speedup_vs_reference', float('nan')):9.2f} "
+              f"{same or '':>13s} {'' if diff is None else f'{diff:.1e}':>13s}")
+    if "parallel_efficiency" in s:
+        print("parallel efficiency (Ray, vs 1 worker):", s["parallel_efficiency"])
+    if "agreement" in s:
+        print("adaptive vs exact over a pruning run:", s["agreement"])
