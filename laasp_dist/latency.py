@@ -2,7 +2,9 @@
 
 Both models run the same random input at the spec's input size, in eval mode under
 ``torch.inference_mode``; each figure is the median of ``repeats`` timed forward passes
-after ``warmup`` untimed ones (CUDA is synchronised around every pass). The FLOPs ratio
+after ``warmup`` untimed ones, the two models taking turns pass by pass (CUDA is
+synchronised around every pass). The 1-minute load average is reported with the figures:
+on a busy machine they mean little. The FLOPs ratio
 (slim MACs / original MACs) is printed beside the measured speed-up (original time /
 slim time): structured pruning only pays when the second follows the first.
 ``torch.set_num_threads`` is left at PyTorch's default.
@@ -38,20 +40,26 @@ class BatchTiming:
     speedup: float
 
 
-def median_ms(model: nn.Module, x: torch.Tensor, repeats: int, warmup: int, bf16: bool) -> float:
-    """Median wall time of one forward pass, in milliseconds."""
+def median_ms(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int,
+              bf16: bool) -> dict[str, float]:
+    """Median wall time of one forward pass per model, in milliseconds.
+
+    The models take turns pass by pass, so a change of machine load during the
+    measurement hits all of them alike instead of biasing the ratio.
+    """
     device = x.device.type
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
         for i in range(warmup + repeats):
-            sync()
-            start = time.perf_counter()
-            model(x)
-            sync()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+            for name, model in models.items():
+                sync()
+                start = time.perf_counter()
+                model(x)
+                sync()
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return {name: 1000.0 * statistics.median(t) for name, t in times.items()}
 
 
 def _prepare(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
@@ -83,7 +91,7 @@ def benchmark(path: str | Path, batches: list[int], device: str = "cpu", bf16: b
         x = torch.randn((batch, *arch.input_shape), generator=gen).to(dev)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        ms = {name: median_ms(m, x, repeats, warmup, bf16) for name, m in models.items()}
+        ms = median_ms(models, x, repeats, warmup, bf16)
         rows.append(BatchTiming(batch, round(ms["original"], 4), round(ms["slim"], 4),
                                 round(1000.0 * batch / ms["original"], 2), round(1000.0 * batch / ms["slim"], 2),
                                 round(ms["original"] / ms["slim"], 4)))

@@ -173,6 +173,10 @@ def _client_python(code: str, cluster: LocalCluster, timeout: float = 60) -> Any
 def local_cluster() -> Iterator[LocalCluster]:
     if not RAY.is_file():
         pytest.skip(f"no ray CLI at {RAY}")
+    from ray._private.utils import get_dashboard_dependency_error
+
+    if get_dashboard_dependency_error() is not None:  # the job API lives in the dashboard
+        pytest.skip(f"ray[default] is not installed ({get_dashboard_dependency_error()}): no job API")
     state = Path(tempfile.mkdtemp(prefix="lc-", dir="/tmp"))  # short: Ray's socket paths live under it
     gcs, dashboard, client = _free_ports(3)
     env = {**os.environ, "LAASP_CLUSTER_DIR": str(state), "LAASP_RAY_PORT": str(gcs),
