@@ -16,17 +16,17 @@ from .errors import ConfigError
 from .io import atomic_write
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name: str = "resnet20"
     num_classes: int | None = Field(None, ge=1, description="default: the data set's class count")
     in_channels: int = Field(3, ge=1)
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     dataset: Literal["fashion_mnist", "cifar10", "image_folder"] = "fashion_mnist"
     root: str | None = Field(None, description="data directory (image_folder: has train/ and val/)")
     image_size: int = Field(224, ge=8, description="image_folder crop size")
@@ -39,7 +39,7 @@ class DataConfig(_Section):
     skip_bad: bool = Field(False, description="skip corrupt/non-image files and empty classes with a warning")
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     total_epochs: int = Field(200, ge=1)
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -55,7 +55,7 @@ class TrainConfig(_Section):
     progress_bar: bool = Field(True, description="tqdm progress bars on the coordinator (rank 0)")
 
 
-class PruneConfig(_Section):
+class PruneConfig(Section):
     start_epoch: int = Field(50, ge=0)
     target_flops_reduction: float = Field(0.5, gt=0, lt=1)
     step_flops: float = Field(0.01, gt=0, lt=1)
@@ -82,7 +82,7 @@ class PruneConfig(_Section):
         return self
 
 
-class RayConfig(_Section):
+class RayConfig(Section):
     address: str | None = Field(None, description="Ray cluster address; None starts an embedded local Ray")
     num_workers: int = Field(2, ge=1, description="Ray Train (DDP) workers")
     use_gpu: bool = False
@@ -95,7 +95,7 @@ class RayConfig(_Section):
     collective_timeout_s: int = Field(1800, ge=10, description="torch.distributed timeout; covers a whole search round, during which non-coordinator ranks wait")
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     name: str = "run"
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -137,10 +137,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for k, v in extra.items():
-        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+        merged[k] = merge_dicts(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
     return merged
 
 
@@ -168,7 +168,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping")
-    return build_config(_merge(data, parse_overrides(list(overrides))))
+    return build_config(merge_dicts(data, parse_overrides(list(overrides))))
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

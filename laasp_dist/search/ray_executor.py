@@ -96,6 +96,7 @@ class RayExecutor:
                  address: str | None = None, use_gpu: bool = False, cpus_per_worker: int = 1,
                  threads_per_worker: int | None = None, max_attempts: int = 3, num_cpus: int | None = None) -> None:
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if num_workers < 1:
             raise LaaspError(f"num_workers must be >= 1 (got {num_workers})")
@@ -104,8 +105,11 @@ class RayExecutor:
         self.options = options or ScoreOptions()
         self.max_attempts = max_attempts
         self._threads = threads_per_worker or cpus_per_worker
+        # The pool is sized by the config, not by the caller's reservation: escape any enclosing
+        # placement group (a Tune trial captures child actors into its own, and they would never fit).
         self._actor_options = dict(num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=4,
-                                   max_task_retries=0)
+                                   max_task_retries=0,
+                                   scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
         self._device = "cuda" if use_gpu else "cpu"
         self._cls = ray.remote(SearchWorker)
         self.actors = [self._new_actor() for _ in range(num_workers)]

@@ -1,0 +1,119 @@
+"""`report RUN_DIR`: PNG figures of a finished or running LAASP run.
+
+- `training.png`: train/val top-1 and FLOPs reduction per epoch, pruning rounds marked;
+- `widths.png`: retained channels per prunable group (original vs now);
+- `criteria.png`: how often each criterion won a round, and the winners' subset loss per round.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from ..errors import LaaspError  # noqa: E402
+from ..pruning import read_spec  # noqa: E402
+from .figures import width_figure  # noqa: E402
+
+
+class NotARunError(LaaspError):
+    """The folder is not a laasp-dist run folder."""
+
+
+def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of the run's TensorBoard logs; a repeated step keeps its last value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series: dict[str, dict[int, float]] = {}
+    for events in sorted(tb_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            for e in acc.Scalars(tag):
+                series.setdefault(tag, {})[e.step] = e.value
+    return {tag: sorted(values.items()) for tag, values in series.items()}
+
+
+def _plot_training(scalars: dict[str, list[tuple[int, float]]], winners: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for tag, style in (("train/top1", "--"), ("val/top1", "-")):
+        if tag in scalars:
+            xs, ys = zip(*scalars[tag])
+            ax.plot(xs, [100 * y for y in ys], style, label=tag)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("top-1 accuracy (%)")
+    twin = ax.twinx()
+    if "prune/flops_reduction" in scalars:
+        xs, ys = zip(*scalars["prune/flops_reduction"])
+        twin.step(xs, [100 * y for y in ys], where="post", color="tab:red", label="FLOPs reduction")
+    twin.set_ylabel("FLOPs reduction (%)", color="tab:red")
+    lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(lines, [h.get_label() for h in lines], loc="lower right", fontsize=8)
+    ax.set_title(f"accuracy and FLOPs over the run ({len(winners)} pruning rounds)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_criteria(winners: pd.DataFrame, criteria: list[str], path: Path) -> None:
+    counts = Counter(winners["criterion"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    names = criteria + sorted(set(counts) - set(criteria))
+    left.bar(names, [counts.get(n, 0) for n in names], color="#2171b5")
+    left.set_ylabel("rounds won")
+    left.yaxis.set_major_locator(MaxNLocator(integer=True))
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    left.set_title("winning criterion")
+    if len(winners):
+        right.plot(winners["round"], winners["loss"], "o-")
+    right.set_xlabel("round")
+    right.set_ylabel("subset loss of the winner")
+    right.set_title("winner's loss per round")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write the three figures into `out_dir` (default RUN_DIR/report); returns their paths."""
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file() or not (run / "tensorboard").is_dir():
+        raise NotARunError(f"{run} is not a laasp-dist run folder (no config.yaml and tensorboard/)")
+    out = Path(out_dir) if out_dir else run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    history = pd.read_parquet(run / "history.parquet") if (run / "history.parquet").is_file() else None
+    winners = history[history["chosen"]] if history is not None else pd.DataFrame(columns=["round", "criterion", "loss"])
+    criteria = list(dict.fromkeys(history["criterion"])) if history is not None else []
+    model_dir = run / "final" if (run / "final" / "spec.json").is_file() else None
+    paths = [out / "training.png", out / "criteria.png"]
+    _plot_training(_scalars(run / "tensorboard"), winners, paths[0])
+    _plot_criteria(winners, criteria, paths[1])
+    if model_dir is not None:
+        spec = read_spec(model_dir)
+        fig = width_figure(spec["original_widths"], spec["widths"],
+                           f"channels kept per group: FLOPs -{1 - spec['macs'] / spec['base_macs']:.1%}")
+        fig.savefig(out / "widths.png")
+        plt.close(fig)
+        paths.append(out / "widths.png")
+    summary = run / "summary.json"
+    if summary.is_file():
+        (out / "summary.txt").write_text(_summary_text(json.loads(summary.read_text())))
+    return paths
+
+
+def _summary_text(s: dict) -> str:
+    before, final = s.get("before_pruning") or {}, s["final_metrics"]
+    return (f"{s['name']}: {s['model']} on {s['dataset']}\n"
+            f"MACs {s['base']['macs'] / 1e6:.2f} M -> {s['final']['macs'] / 1e6:.2f} M "
+            f"(FLOPs -{s['flops_reduction']:.2%}), params {s['base']['params']} -> {s['final']['params']}\n"
+            f"test top-1 before pruning {before.get('test_top1', float('nan')):.4f}, final {final['test_top1']:.4f}"
+            f" (val {final['val_top1']:.4f})\n")
