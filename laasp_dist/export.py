@@ -109,6 +109,11 @@ def _onnx(model: nn.Module, example: torch.Tensor, check: torch.Tensor) -> Calla
     return write
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
 def export_model(path: str | Path, fmt: str, out: str | Path | None = None,
                  tolerance: float = TOLERANCE) -> ExportResult:
     """Export the slim model under `path` (run folder or slim-model folder) to `out` in `fmt`."""
@@ -123,11 +128,17 @@ def export_model(path: str | Path, fmt: str, out: str | Path | None = None,
     example, check = example_input(net, TRACE_BATCH), example_input(net, CHECK_BATCH, seed=1)
     with torch.inference_mode():
         expected = model(check)
-    write = (_torchscript if fmt == "torchscript" else _onnx)(model, example, check)
+    try:
+        write = (_torchscript if fmt == "torchscript" else _onnx)(model, example, check)
+    except Exception as exc:  # tracing raises many types; the user needs one line
+        raise ExportError(f"{fmt} export of {model_dir} failed: {_first_line(exc)}") from None
     diff: list[float] = []
 
     def write_and_check(tmp: Path) -> None:
-        got = write(tmp)
+        try:
+            got = write(tmp)
+        except Exception as exc:  # exporter / runtime errors of any type
+            raise ExportError(f"{fmt} export of {model_dir} failed: {_first_line(exc)}") from None
         if got.shape != expected.shape:
             raise ExportError(f"{fmt} export gives shape {tuple(got.shape)} for a batch of {CHECK_BATCH}, "
                               f"PyTorch {tuple(expected.shape)}")
