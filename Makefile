@@ -8,7 +8,7 @@ setup:
 	bash scripts/bootstrap.sh
 
 demo: setup
-	$(VENV)/bin/laasp-dist prune resnet56 --criterion fpgm --flops-reduction 0.5 --out $(RUN_DIR)/final
+	RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/laasp-dist run jobs/demo.yaml --out $(RUN_DIR)
 
 test: setup
 	RAY_USAGE_STATS_ENABLED=0 RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.1 $(VENV)/bin/python -m pytest -q
