@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     if any(e not in ("reference", "exact", "adaptive") for e in evaluators):
         raise ConfigError(f"--evaluators takes reference, exact, adaptive (got {args.evaluators})")
+    load_before = os.getloadavg()[0]
     data = load_small_dataset("fashion_mnist", "train")
     torch.manual_seed(args.seed)
     if args.weights:
@@ -166,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         "step_flops": args.step_flops, "train_steps": 0 if args.weights else args.train_steps,
         "warm_up_loss": train_loss, "macs": net.cost.macs, "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "machine": platform.machine(), "rows": rows,
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # other work on the box
     }
     if 1 in ray_seconds and len(ray_seconds) > 1:
         summary["parallel_efficiency"] = {w: round(ray_seconds[1] / (w * s), 3) for w, s in ray_seconds.items() if w > 1}
