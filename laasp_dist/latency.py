@@ -117,15 +117,14 @@ def format_report(report: dict[str, Any]) -> str:
     macs, params = report["macs"], report["params"]
     c, h, w = report["input_shape"]
     lines = [
-        f"{report['model']} @ {c}x{h}x{w} on {report['device']} ({report['dtype']}, "
-        f"{report['threads']} threads{', channels_last' if report['channels_last'] else ''}, "
-        f"load {report['load_avg_1m']}), "
-        f"median of {report['repeats']} runs after {report['warmup']} warm-up",
-        f"MACs: original {macs['original'] / 1e6:.2f} M, slim {macs['slim'] / 1e6:.2f} M "
-        f"(ratio {macs['ratio']:.3f}, FLOPs -{1 - macs['ratio']:.1%}); params {params['original'] / 1e6:.3f} M -> "
-        f"{params['slim'] / 1e6:.3f} M",
-        f"{'batch':>6s} {'original ms':>12s} {'slim ms':>10s} {'original img/s':>15s} {'slim img/s':>11s} "
-        f"{'speed-up':>9s} {'FLOPs ratio⁻¹':>13s}",
+        (f"{report['model']} @ {c}x{h}x{w} on {report['device']} ({report['dtype']}, "
+         f"{report['threads']} threads{', channels_last' if report['channels_last'] else ''}, "
+         f"load {report['load_avg_1m']}), median of {report['repeats']} runs after {report['warmup']} warm-up"),
+        (f"MACs: original {macs['original'] / 1e6:.2f} M, slim {macs['slim'] / 1e6:.2f} M "
+         f"(ratio {macs['ratio']:.3f}, FLOPs -{1 - macs['ratio']:.1%}); "
+         f"params {params['original'] / 1e6:.3f} M -> {params['slim'] / 1e6:.3f} M"),
+        (f"{'batch':>6s} {'original ms':>12s} {'slim ms':>10s} {'original img/s':>15s} {'slim img/s':>11s} "
+         f"{'speed-up':>9s} {'FLOPs ratio⁻¹':>13s}"),
     ]
     for r in report["batches"]:
         lines.append(f"{r['batch']:6d} {r['original_ms']:12.2f} {r['slim_ms']:10.2f} "
