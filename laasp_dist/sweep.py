@@ -56,7 +56,10 @@ def resolve_key(key: str) -> str:
 
 
 def parse_params(items: list[str]) -> dict[str, list[Any]]:
-    """`["step_flops=0.005,0.01"]` → `{"prune.step_flops": [0.005, 0.01]}` (values parsed as YAML)."""
+    """`["step_flops=0.005,0.01"]` → `{"prune.step_flops": [0.005, 0.01]}` (values parsed as YAML).
+
+    `criteria=[[l1,l2,fpgm,cosine],[l1]]` gives list-valued trials.
+    """
     params: dict[str, list[Any]] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -65,7 +68,13 @@ def parse_params(items: list[str]) -> dict[str, list[Any]]:
         full = resolve_key(key.strip())
         if full in params:
             raise ConfigError(f"--param {full} is given twice")
-        params[full] = [yaml.safe_load(v) for v in raw.split(",")]
+        if raw.strip().startswith("["):  # a YAML list, for values that are lists themselves
+            values = yaml.safe_load(raw)
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"--param {item!r}: a [..] value must be a non-empty YAML list")
+        else:
+            values = [yaml.safe_load(v) for v in raw.split(",")]
+        params[full] = values
     if not params:
         raise ConfigError("a sweep needs at least one --param KEY=V1,V2,...")
     return params
@@ -76,7 +85,7 @@ def trial_grid(base: dict[str, Any], params: dict[str, list[Any]]) -> list[dict[
     trials = []
     for combo in itertools.product(*params.values()):
         values = dict(zip(params, combo))
-        name = "_".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items())
+        name = "_".join(f"{k.rsplit('.', 1)[-1]}={_label(v)}" for k, v in values.items())
         data = merge_dicts(base, parse_overrides([f"{k}={json.dumps(v)}" for k, v in values.items()]))
         data["name"] = f"{base.get('name', 'run')}-{name}"
         try:
@@ -85,6 +94,10 @@ def trial_grid(base: dict[str, Any], params: dict[str, list[Any]]) -> list[dict[
             raise ConfigError(f"trial {name}: {exc}") from None
         trials.append({"name": name, "values": values, "config": config.model_dump(mode="json")})
     return trials
+
+
+def _label(value: Any) -> str:
+    return "+".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def sweep_trial(trial_config: dict[str, Any]) -> None:
@@ -170,7 +183,7 @@ def write_results(sweep_dir: Path, grid: list[dict[str, Any]], errors: dict[str,
     rows = []
     for trial in grid:
         summary_file = sweep_dir / TRIALS_DIR / trial["name"] / "summary.json"
-        row: dict[str, Any] = {"trial": trial["name"], **{k: str(v) for k, v in trial["values"].items()}}
+        row: dict[str, Any] = {"trial": trial["name"], **{k: _label(v) for k, v in trial["values"].items()}}
         if summary_file.is_file():
             s = json.loads(summary_file.read_text())
             before = s.get("before_pruning") or {}

@@ -9,7 +9,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="run a Ray Tune grid of LAASP runs and compare accuracy vs FLOPs")
     p.add_argument("config", help="base run config (YAML)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=V1,V2,...",
-                   help="a swept key and its values, e.g. step_flops=0.005,0.01 (repeatable; grid product)")
+                   help="a swept key and its values, e.g. step_flops=0.005,0.01 or criteria=[[l1,l2],[l1]] (repeatable; grid product)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a base config key (repeatable)")
     p.add_argument("--out", required=True, help="sweep folder (new or empty, or an earlier sweep with --resume)")
