@@ -10,7 +10,8 @@
 # Settings (environment): LAASP_CLUSTER_DIR (state: token, temp dirs, logs, session ids;
 # keep it short, Ray's socket paths must stay under 107 characters), LAASP_RAY_PORT (GCS, 6379),
 # LAASP_DASHBOARD_PORT (8265), LAASP_CLIENT_PORT (Ray Client, 10001), LAASP_NODE_CPUS (2 per node),
-# LAASP_OBJECT_STORE_BYTES (per node, 1e9), LAASP_VENV (.venv of the repo).
+# LAASP_OBJECT_STORE_BYTES (per node, 1e9), LAASP_VENV (.venv of the repo), LAASP_STOP_GRACE_S
+# (seconds between TERM and KILL on stop, 10).
 #
 # Ray 2.60 enables token authentication by default: this script writes a token into the
 # state dir and exports RAY_AUTH_MODE=token + RAY_AUTH_TOKEN_PATH for both nodes; clients

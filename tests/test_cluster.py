@@ -182,7 +182,7 @@ def local_cluster() -> Iterator[LocalCluster]:
     gcs, dashboard, client = _free_ports(3)
     env = {**os.environ, "LAASP_CLUSTER_DIR": str(state), "LAASP_RAY_PORT": str(gcs),
            "LAASP_DASHBOARD_PORT": str(dashboard), "LAASP_CLIENT_PORT": str(client), "LAASP_VENV": str(VENV),
-           "RAY_USAGE_STATS_ENABLED": "0"}
+           "LAASP_STOP_GRACE_S": "3", "RAY_USAGE_STATS_ENABLED": "0"}
     try:
         started = _run(["bash", str(SCRIPT), "start"], env, timeout=180)
         assert started.returncode == 0, started.stdout + started.stderr
