@@ -109,20 +109,21 @@ def test_fast_scorer_equals_oracle_on_sampled_candidates(name, subsets):
     size, criteria = SAMPLED[name]
     net = make_net(name, size)
     pick = sample(net.candidates(criteria, 0.01, 0.75))
-    shard = subsets[size].shards[0]
-    ref = score_reference(net, pick, shard, ScoreOptions(32, 32))
-    fast = score_fast(net, pick, shard, ScoreOptions(32, 32))
-    np.testing.assert_allclose(fast, ref, rtol=REL, atol=0)
+    shards = subsets[size].shards
+    ref = score_reference(net, pick, shards, ScoreOptions(32, 32))
+    fast = score_fast(net, pick, shards, ScoreOptions(32, 32))
+    assert [a.shape for a in fast] == [(len(pick), 32), (len(pick), 32)]
+    np.testing.assert_allclose(np.concatenate(fast, 1), np.concatenate(ref, 1), rtol=REL, atol=0)
 
 
 def test_batched_variants_and_duplicates_match_reference(subsets):
     net = make_net("resnet20", 32)
     cands = net.candidates(["l1", "l2", "fpgm", "cosine"], 0.01, 0.75)
     assert len({(c.group, c.channels) for c in cands}) < len(cands)  # l1 and l2 agree somewhere
-    shard = subsets[32].shards[1]
+    shards = subsets[32].shards[1:]
     pick = cands[:4] + cands[-4:]
-    ref = score_reference(net, pick, shard, ScoreOptions(32, 32))
-    fast = score_fast(net, pick, shard, ScoreOptions(16, 64))  # up to 4 variants of a group per forward
+    [ref] = score_reference(net, pick, shards, ScoreOptions(32, 32))
+    [fast] = score_fast(net, pick, shards, ScoreOptions(16, 64))  # up to 4 variants of a group per forward
     np.testing.assert_allclose(fast, ref, rtol=REL, atol=0)
 
 
@@ -133,10 +134,10 @@ def test_bn_recalibration_matches_reference(name, subsets):
     pick = sample(cands, 1) + cands[1:2]
     sub = subsets[32]
     cal = calibration_shard(sub, 48)  # two chunks of 32 + 16: cumulative statistics over chunks
-    ref = score_reference(net, pick, sub.shards[1], ScoreOptions(32, 32), cal)
-    fast = score_fast(net, pick, sub.shards[1], ScoreOptions(32, 32), cal)
+    [ref] = score_reference(net, pick, sub.shards[1:], ScoreOptions(32, 32), cal)
+    [fast] = score_fast(net, pick, sub.shards[1:], ScoreOptions(32, 32), cal)
     np.testing.assert_allclose(fast, ref, rtol=1e-4, atol=1e-6)
-    plain = score_fast(net, pick, sub.shards[1], ScoreOptions(32, 32))
+    [plain] = score_fast(net, pick, sub.shards[1:], ScoreOptions(32, 32))
     assert np.abs(plain - fast).max() > 1e-3  # recalibration does change the scores
 
 

@@ -72,7 +72,8 @@ def _warm_up(net: PrunableNetwork, data: Any, steps: int, seed: int) -> float:
     return float(loss.detach())
 
 
-def _row(name: str, result: Any, ref: Any, ref_seconds: float | None, ref_name: str = "reference") -> dict[str, Any]:
+def _row(name: str, result: Any, ref: Any, ref_seconds: float | None, ref_name: str = "reference",
+         ref_forward: float | None = None) -> dict[str, Any]:
     n = len(result.table)
     row = {"method": name, "seconds": round(result.seconds, 2), "candidates": n,
            "candidates_per_s": round(n / result.seconds, 3),
@@ -86,6 +87,8 @@ def _row(name: str, result: Any, ref: Any, ref_seconds: float | None, ref_name: 
         row["max_rel_loss_diff"] = float(rel[full & ~np.isnan(rel)].max()) if (full & ~np.isnan(rel)).any() else None
     if ref_seconds:
         row["speedup_vs_reference"] = round(ref_seconds / result.seconds, 2)
+    if ref_forward:
+        row["speedup_vs_reference_forward_only"] = round(ref_forward / result.seconds, 2)
     return row
 
 
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..search import LocalExecutor, ScoreOptions, build_subset, search_round
     from ..search.round import RoundResult, round_candidates
-    from ..search.scoring import score_reference
+    from ..search.scoring import REFERENCE_TIMINGS, score_reference
 
     criteria = [c for c in args.criteria.split(",") if c]
     evaluators = [e for e in args.evaluators.split(",") if e]
@@ -124,14 +127,14 @@ def run(args: argparse.Namespace) -> int:
 
     rows: list[dict[str, Any]] = []
     results: dict[str, RoundResult] = {}
-    ref, ref_seconds = None, None
+    ref, ref_seconds, ref_forward = None, None, None
     if "reference" in evaluators:
+        REFERENCE_TIMINGS.update(setup=0.0, forward=0.0)
         if args.reference_candidates:
             cands = round_candidates(net, cfg("reference"), seed=args.seed * 1_000_003)
             pick = np.linspace(0, len(cands) - 1, min(args.reference_candidates, len(cands))).round().astype(int)
             start = time.perf_counter()
-            for s in subset.shards:
-                score_reference(net, [cands[i] for i in pick], s, options)
+            score_reference(net, [cands[i] for i in pick], subset.shards, options)
             ref_seconds = (time.perf_counter() - start) * len(cands) / len(pick)
             rows.append({"method": "reference", "seconds": round(ref_seconds, 2), "candidates": len(cands),
                          "candidates_per_s": round(len(cands) / ref_seconds, 3), "extrapolated": True,
@@ -141,11 +144,16 @@ def run(args: argparse.Namespace) -> int:
             ref_seconds = ref.seconds
             rows.append(_row("reference", ref, ref, ref_seconds))
             results["reference"] = ref
+        share = REFERENCE_TIMINGS["setup"] / max(sum(REFERENCE_TIMINGS.values()), 1e-9)
+        rows[-1]["copy_trace_prune_share"] = round(share, 3)
+        rows[-1]["forward_only_seconds"] = round(ref_seconds * (1 - share), 2)
+        ref_forward = ref_seconds * (1 - share)
     for name in ("exact", "adaptive"):
         if name in evaluators:
             r = search_round(net, subset, cfg(name), executor=LocalExecutor(subset, options), seed=args.seed)
             results[name] = r
-            rows.append(_row(name, r, ref or results.get("exact"), ref_seconds, "reference" if ref else "exact"))
+            rows.append(_row(name, r, ref or results.get("exact"), ref_seconds, "reference" if ref else "exact",
+                                 ref_forward))
     ray_seconds = {}
     if workers:
         import ray
@@ -159,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
                     r = search_round(net, subset, cfg("exact"), executor=ex, seed=args.seed)
                 ray_seconds[w] = r.seconds
                 rows.append(_row(f"ray exact, {w} worker{'s' if w > 1 else ''}", r, ref or results.get("exact"),
-                                 ref_seconds, "reference" if ref else "exact"))
+                                 ref_seconds, "reference" if ref else "exact",
+                                 ref_forward))
         finally:
             ray.shutdown()
     summary: dict[str, Any] = {

@@ -1,9 +1,9 @@
 """Where shard tasks run. One contract for every backend:
 
 `start_round(net, candidates, calibration)` fixes the round's network snapshot,
-`run(tasks)` scores each `Task` (some candidates of the round on one shard) and
-returns, in task order, an array [len(task.candidates), shard size] of per-image
-losses, and `end_round()` drops the snapshot. The local executor runs the scorer
+`run(tasks)` scores each `Task` (some candidates of the round on some shards) and
+returns, in task order, per shard of the task an array [len(task.candidates),
+shard size] of per-image losses, and `end_round()` drops the snapshot. The local executor runs the scorer
 in-process; the Ray executor (`ray_executor.py`) runs the very same scorer in
 worker actors.
 """
@@ -22,9 +22,9 @@ from .subset import SearchSubset, Shard
 
 @dataclass(frozen=True)
 class Task:
-    """Score candidates (indices into the round's candidate list) on one shard with one scorer."""
+    """Score candidates (indices into the round's candidate list) on some shards with one scorer."""
 
-    shard: int
+    shards: tuple[int, ...]
     candidates: tuple[int, ...]
     scorer: str
 
@@ -38,7 +38,7 @@ class Executor(Protocol):
 
     def start_round(self, net: PrunableNetwork, candidates: Sequence[Candidate], calibration: Shard | None) -> None: ...
 
-    def run(self, tasks: Sequence[Task]) -> list[np.ndarray]: ...
+    def run(self, tasks: Sequence[Task]) -> list[list[np.ndarray]]: ...
 
     def end_round(self) -> None: ...
 
@@ -60,11 +60,12 @@ class LocalExecutor:
     def start_round(self, net: PrunableNetwork, candidates: Sequence[Candidate], calibration: Shard | None) -> None:
         self._round = (net, list(candidates), calibration)
 
-    def run(self, tasks: Sequence[Task]) -> list[np.ndarray]:
+    def run(self, tasks: Sequence[Task]) -> list[list[np.ndarray]]:
         assert self._round is not None, "start_round first"
         net, candidates, calibration = self._round
-        return [get_scorer(t.scorer)(net, [candidates[i] for i in t.candidates], self.subset.shards[t.shard],
-                                     self.options, calibration) for t in tasks]
+        return [get_scorer(t.scorer)(net, [candidates[i] for i in t.candidates],
+                                     [self.subset.shards[s] for s in t.shards], self.options, calibration)
+                for t in tasks]
 
     def end_round(self) -> None:
         self._round = None

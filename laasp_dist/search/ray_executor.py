@@ -75,18 +75,19 @@ class SearchWorker:
             self._round = (key, net, candidates, snap["options"], calibration)
         return self._round[1:]
 
-    def score(self, round_ref: list, shard_ref: list, shard_index: int, candidates: tuple[int, ...],
-              scorer: str) -> np.ndarray:
+    def score(self, round_ref: list, shard_refs: list, shard_indices: tuple[int, ...], candidates: tuple[int, ...],
+              scorer: str) -> list[np.ndarray]:
         import ray
 
         self._calls += 1
         if self._fault_at is not None and self._calls >= self._fault_at:
             os._exit(1)
         net, cands, options, calibration = self._load_round(round_ref[0])
-        if shard_index not in self._shards:
-            self._shards[shard_index] = Shard.from_table(ray.get(shard_ref[0]), f"shard {shard_index}")
-        shard = self._shards[shard_index]
-        return get_scorer(scorer)(net, [cands[i] for i in candidates], shard, options, calibration)
+        for index, ref in zip(shard_indices, shard_refs):
+            if index not in self._shards:
+                self._shards[index] = Shard.from_table(ray.get(ref), f"shard {index}")
+        shards = [self._shards[i] for i in shard_indices]
+        return get_scorer(scorer)(net, [cands[i] for i in candidates], shards, options, calibration)
 
 
 class RayExecutor:
@@ -134,12 +135,12 @@ class RayExecutor:
             "calibration": calibration.to_table() if calibration is not None else None,
         })
 
-    def run(self, tasks: Sequence[Task]) -> list[np.ndarray]:
+    def run(self, tasks: Sequence[Task]) -> list[list[np.ndarray]]:
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         assert self._round_ref is not None, "start_round first"
-        results: list[np.ndarray | None] = [None] * len(tasks)
+        results: list[list[np.ndarray] | None] = [None] * len(tasks)
         pending = deque(range(len(tasks)))
         attempts = [0] * len(tasks)
         idle = deque(range(len(self.actors)))
@@ -148,13 +149,13 @@ class RayExecutor:
         while pending or inflight:
             while idle and pending:
                 a = idle.popleft()
-                home = [t for t in pending if tasks[t].shard % len(self.actors) == a]
+                home = [t for t in pending if tasks[t].shards[0] % len(self.actors) == a]
                 t = home[0] if home else pending[0]
                 pending.remove(t)
                 attempts[t] += 1
                 task = tasks[t]
-                ref = self.actors[a].score.remote([self._round_ref], [self._shard_refs[task.shard]], task.shard,
-                                                  task.candidates, task.scorer)
+                ref = self.actors[a].score.remote([self._round_ref], [self._shard_refs[s] for s in task.shards],
+                                                  task.shards, task.candidates, task.scorer)
                 inflight[ref] = (t, a)
             done, _ = ray.wait(list(inflight) + list(recovering), num_returns=1)
             for ref in done:
@@ -168,7 +169,7 @@ class RayExecutor:
                     idle.append(a)
                 except (RayActorError, ActorUnavailableError) as exc:
                     if attempts[t] >= self.max_attempts:
-                        raise LaaspError(f"search task on shard {tasks[t].shard} failed {attempts[t]} times; "
+                        raise LaaspError(f"search task on shards {list(tasks[t].shards)} failed {attempts[t]} times; "
                                          f"last error: {type(exc).__name__}") from None
                     pending.appendleft(t)  # resubmitted to whichever actor is free first
                     recovering[self.actors[a].ping.remote()] = a

@@ -137,14 +137,19 @@ def candidate_costs(net: PrunableNetwork, candidates: Sequence[Candidate]) -> li
 
 def plan_tasks(candidates: Sequence[Candidate], indices: Sequence[int], shards: Sequence[int], parallelism: int,
                costs: Sequence[float], scorer: str) -> list[Task]:
-    """Split (candidates × shards) into tasks: whole groups per task, enough tasks to keep every worker busy."""
+    """Split (candidates × shards) into tasks: whole groups per task, enough tasks to keep every worker busy.
+
+    One worker: one task. The reference scorer keeps all shards in each task (one copy
+    and trace per candidate, as the paper's code); the fast scorer gets one shard per task.
+    """
+    shard_sets = [tuple(shards)] if parallelism == 1 or scorer == "reference" else [(s,) for s in shards]
     units: list[list[int]] = []
     for i in indices:  # consecutive candidates of one group stay together (duplicates are scored once per task)
         if units and candidates[units[-1][0]].group == candidates[i].group:
             units[-1].append(i)
         else:
             units.append([i])
-    n_chunks = max(1, min(len(units), math.ceil(parallelism / max(len(shards), 1))))
+    n_chunks = max(1, min(len(units), math.ceil(parallelism / len(shard_sets))))
     weights = [sum(costs[i] for i in u) for u in units]
     total, chunks, current, acc = sum(weights), [], [], 0.0
     for u, w in zip(units, weights):
@@ -155,7 +160,7 @@ def plan_tasks(candidates: Sequence[Candidate], indices: Sequence[int], shards: 
             current = []
     if current:
         chunks.append(tuple(current))
-    return [Task(s, chunk, scorer) for s in shards for chunk in chunks]
+    return [Task(s, chunk, scorer) for s in shard_sets for chunk in chunks]
 
 
 # ------------------------------------------------------------------------------------------- the round
@@ -202,9 +207,10 @@ def search_round(net: PrunableNetwork, subset: SearchSubset, cfg: PruneConfig, r
         alive = list(range(len(candidates)))
         for w, wave in enumerate(waves):
             tasks = plan_tasks(candidates, alive, wave, executor.parallelism, costs, evaluator.scorer)
-            for task, losses in zip(tasks, executor.run(tasks)):
-                for row, c in enumerate(task.candidates):
-                    seen[c].append((task.shard, losses[row]))
+            for task, per_shard in zip(tasks, executor.run(tasks)):
+                for shard, losses in zip(task.shards, per_shard):
+                    for row, c in enumerate(task.candidates):
+                        seen[c].append((shard, losses[row]))
             if evaluator.adaptive and w < len(waves) - 1 and len(alive) > 1:
                 alive = eliminate(alive, {c: np.concatenate([a for _, a in sorted(seen[c], key=lambda t: t[0])])
                                           for c in alive}, cfg.adaptive_confidence)

@@ -1,6 +1,6 @@
 """Scoring candidates on one shard: per-candidate, per-image cross-entropy losses (float64).
 
-Two scorers, one contract — `scorer(net, candidates, shard, options, calibration) -> array [C, N]`:
+Two scorers, one contract — `scorer(net, candidates, shards, options, calibration) -> [array [C, N_s] per shard]`:
 
 * `reference`: what the paper's code does, one candidate at a time: deep-copy the
   model, trace a fresh dependency graph, physically prune, forward the shard. It is
@@ -27,6 +27,7 @@ images per distinct candidate.
 from __future__ import annotations
 
 import copy
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -55,7 +56,8 @@ class ScoreOptions:
             raise ConfigError(f"chunk_size and max_batch must be >= 1 (got {self.chunk_size}, {self.max_batch})")
 
 
-Scorer = Callable[[PrunableNetwork, Sequence[Candidate], Shard, ScoreOptions, "Shard | None"], np.ndarray]
+Scorer = Callable[[PrunableNetwork, Sequence[Candidate], Sequence[Shard], ScoreOptions, "Shard | None"],
+                  list[np.ndarray]]
 
 
 def _per_image_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -102,18 +104,24 @@ def _chunks(shard: Shard, device: torch.device, size: int) -> list[torch.Tensor]
 
 # ----------------------------------------------------------------------------------------------- reference
 
+# Seconds the reference scorer spent in this process on copy + trace + prune ("setup") and on the
+# forward passes (for the benchmark's breakdown; reset it yourself).
+REFERENCE_TIMINGS = {"setup": 0.0, "forward": 0.0}
 
-def score_reference(net: PrunableNetwork, candidates: Sequence[Candidate], shard: Shard, options: ScoreOptions,
-                    calibration: Shard | None = None) -> np.ndarray:
-    """The paper's procedure: per candidate a deep copy, a fresh trace, a physical prune, a forward."""
+
+def score_reference(net: PrunableNetwork, candidates: Sequence[Candidate], shards: Sequence[Shard],
+                    options: ScoreOptions, calibration: Shard | None = None) -> list[np.ndarray]:
+    """The paper's procedure: per candidate a deep copy, a fresh trace, a physical prune, a forward over the shards."""
     device = net.parameters_device()
-    labels = shard.labels.to(device)
-    out = np.empty((len(candidates), len(shard)), dtype=np.float64)
+    out = [np.empty((len(candidates), len(shard)), dtype=np.float64) for shard in shards]
     for i, cand in enumerate(candidates):
+        t0 = time.perf_counter()
         clone = PrunableNetwork(copy.deepcopy(net.model), net.arch, base_macs=net.base_macs,
                                 original_widths=net.original_widths)
         clone.apply(cand)
         model = clone.model.eval()
+        t1 = time.perf_counter()
+        REFERENCE_TIMINGS["setup"] += t1 - t0
         with torch.no_grad():
             if calibration is not None:
                 bns = _batchnorms(model.modules())
@@ -121,10 +129,13 @@ def score_reference(net: PrunableNetwork, candidates: Sequence[Candidate], shard
                 for x in _chunks(calibration, device, options.chunk_size):
                     model(x)
                 model.eval()
-            for start in range(0, len(shard), options.chunk_size):
-                logits = model(shard.inputs(device, start, start + options.chunk_size))
-                out[i, start:start + len(logits)] = _per_image_loss(
-                    logits, labels[start:start + len(logits)]).cpu().numpy()
+            for shard, losses in zip(shards, out):
+                labels = shard.labels.to(device)
+                for start in range(0, len(shard), options.chunk_size):
+                    logits = model(shard.inputs(device, start, start + options.chunk_size))
+                    losses[i, start:start + len(logits)] = _per_image_loss(
+                        logits, labels[start:start + len(logits)]).cpu().numpy()
+        REFERENCE_TIMINGS["forward"] += time.perf_counter() - t1
         del clone, model
     return out
 
@@ -252,38 +263,39 @@ def _bn_override(bns: Sequence[nn.Module], stats: list[tuple[torch.Tensor, torch
             bn.running_var.copy_(var)
 
 
-def score_fast(net: PrunableNetwork, candidates: Sequence[Candidate], shard: Shard, options: ScoreOptions,
-               calibration: Shard | None = None) -> np.ndarray:
+def score_fast(net: PrunableNetwork, candidates: Sequence[Candidate], shards: Sequence[Shard],
+               options: ScoreOptions, calibration: Shard | None = None) -> list[np.ndarray]:
     """Masked, prefix-cached, deduplicated scoring; equals `score_reference` up to float rounding."""
     if not candidates:
-        return np.empty((0, len(shard)), dtype=np.float64)
+        return [np.empty((0, len(shard)), dtype=np.float64) for shard in shards]
     device = net.parameters_device()
     plan = _plan(net, candidates)
-    out = np.empty((len(plan.variants), len(shard)), dtype=np.float64)
-    labels_all = shard.labels.to(device)
+    out = [np.empty((len(plan.variants), len(shard)), dtype=np.float64) for shard in shards]
     with _preserved(net.model), torch.no_grad():
         overrides = _recalibrate_fast(net, plan, calibration, options, device) if calibration is not None else None
         later = {f: _batchnorms(m for b in plan.blocks[f:] for m in b.modules()) for f, _, _ in plan.steps}
-        for start in range(0, len(shard), options.chunk_size):
-            x = shard.inputs(device, start, start + options.chunk_size)
-            n = len(x)
-            labels = labels_all[start:start + n]
-            h, p = x, 0
-            for f, group, vids in plan.steps:
-                while p < f:
-                    h = plan.blocks[p](h)
-                    p += 1
-                per_pass = 1 if overrides is not None else max(1, options.max_batch // n)
-                for j in range(0, len(vids), per_pass):
-                    batch = vids[j:j + per_pass]
-                    z = h if len(batch) == 1 else h.repeat(len(batch), *([1] * (h.ndim - 1)))
-                    stats = overrides[batch[0]] if overrides is not None else None
-                    with _variant_masks(group, [plan.variants[v][1] for v in batch], device), \
-                            _bn_override(later[f], stats):
-                        logits = _run(plan.blocks, f, z)
-                    losses = _per_image_loss(logits, labels.repeat(len(batch))).view(len(batch), n)
-                    out[batch, start:start + n] = losses.cpu().numpy()
-    return out[plan.variant_of]
+        for shard, losses_out in zip(shards, out):
+            labels_all = shard.labels.to(device)
+            for start in range(0, len(shard), options.chunk_size):
+                x = shard.inputs(device, start, start + options.chunk_size)
+                n = len(x)
+                labels = labels_all[start:start + n]
+                h, p = x, 0
+                for f, group, vids in plan.steps:
+                    while p < f:
+                        h = plan.blocks[p](h)
+                        p += 1
+                    per_pass = 1 if overrides is not None else max(1, options.max_batch // n)
+                    for j in range(0, len(vids), per_pass):
+                        batch = vids[j:j + per_pass]
+                        z = h if len(batch) == 1 else h.repeat(len(batch), *([1] * (h.ndim - 1)))
+                        stats = overrides[batch[0]] if overrides is not None else None
+                        with _variant_masks(group, [plan.variants[v][1] for v in batch], device), \
+                                _bn_override(later[f], stats):
+                            logits = _run(plan.blocks, f, z)
+                        losses = _per_image_loss(logits, labels.repeat(len(batch))).view(len(batch), n)
+                        losses_out[batch, start:start + n] = losses.cpu().numpy()
+    return [o[plan.variant_of] for o in out]
 
 
 SCORERS: dict[str, Scorer] = {"reference": score_reference, "fast": score_fast}
