@@ -102,7 +102,7 @@ def test_launcher_config_satisfies_rays_schema() -> None:
     gpu_types = [t for t in types.values() if re.match(r"(g5|g6|p4d|p5)\.", t["node_config"]["InstanceType"])]
     assert gpu_types and all(t["max_workers"] >= 1 for t in gpu_types)
     install = " ".join(cfg["setup_commands"])
-    assert "requirements.lock" in install and '-e ".[dali' in install
+    assert "-c requirements.lock" in install and '-e ".[dali' in install
     assert cfg["file_mounts"]["~/laasp-dist"] == "."
 
 
