@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
 from ..errors import ConfigError
 from ..pruning import PrunableNetwork, get_criterion, load_slim_model, save_slim_model
 from ..pruning.baseline import prune_by_criterion
@@ -21,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--step-flops", type=float, default=0.01, help="FLOPs removed per step (fraction of original)")
     p.add_argument("--max-prune-ratio", type=float, default=0.75, help="most of a group's channels that may go")
     p.add_argument("--aggregation", choices=["group", "root"], default="group")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds a fresh model's initialisation and `random`")
     p.set_defaults(func=run)
 
 
@@ -31,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         if not 0.0 < value < 1.0:
             raise ConfigError(f"{name} must be in (0, 1), got {value}")
     get_criterion(args.criterion)
+    torch.manual_seed(args.seed)  # a fresh model's initialisation decides the criterion's ranking
     net = load_slim_model(args.weights) if args.weights else PrunableNetwork.create(arch_from_args(args))
     before = net.cost
     prune_by_criterion(net, args.criterion, args.flops_reduction, step_fraction=args.step_flops,
