@@ -46,6 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--confidence", type=float, default=0.999, help="adaptive: one-sided confidence")
     p.add_argument("--agreement", type=float, default=None,
                    help="also prune to this FLOPs reduction and count rounds where adaptive picks exact's winner")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the in-process evaluators (1: 'one CPU'; Ray workers use 1 each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
@@ -117,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if args.save_weights:
         save_slim_model(net, args.save_weights)
     net.model.eval()
+    torch.set_num_threads(args.threads)
     subset = build_subset(data, args.subset, args.shards, args.seed)
     options = ScoreOptions(args.chunk, args.max_batch or args.chunk)
 
