@@ -180,7 +180,9 @@ def search_round(net: PrunableNetwork, subset: SearchSubset, cfg: PruneConfig, r
     """Score this round's candidates on the subset with `cfg.search` and return the winner and the table.
 
     The network is not changed; apply `result.winner` to prune. `executor` defaults to
-    an in-process one over `subset`.
+    an in-process one over `subset` with `options` (default: chunks of `cfg.shard_batch_size`);
+    a given executor brings its own options. `seconds` covers scoring and reduction, not
+    building the candidate list.
     """
     evaluator = get_evaluator(cfg.search)
     if len(subset) == 0:
@@ -196,7 +198,7 @@ def search_round(net: PrunableNetwork, subset: SearchSubset, cfg: PruneConfig, r
         raise ConfigError("the executor holds a different scoring subset than the round was given")
     start = time.perf_counter()
     costs = candidate_costs(net, candidates)
-    seen: list[list[np.ndarray]] = [[] for _ in candidates]
+    seen: list[list[tuple[int, np.ndarray]]] = [[] for _ in candidates]  # per candidate: (shard, losses)
     executor.start_round(net, candidates, calibration)
     try:
         all_shards = list(range(subset.num_shards))
