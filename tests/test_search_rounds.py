@@ -220,3 +220,12 @@ def test_ray_adaptive_and_pruning_history_equal_local(ray_executor, subsets):
         assert [r["shards_seen"] for r in a.table] == [r["shards_seen"] for r in b.table]
         np.testing.assert_allclose(a.losses, b.losses, rtol=REL)
     assert ray_net.widths() == local_net.widths()
+
+
+@pytest.mark.timeout(120)
+def test_search_actors_that_cannot_be_placed_are_a_clear_error(ray_executor, subsets):
+    from laasp_dist.errors import LaaspError
+    from laasp_dist.search.ray_executor import RayExecutor
+
+    with pytest.raises(LaaspError, match="could not be placed within 3 s"):
+        RayExecutor(subsets[32], 1, cpus_per_worker=64, start_timeout_s=3)

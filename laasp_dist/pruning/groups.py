@@ -100,14 +100,25 @@ def masked(group: ChannelGroup, channels: Sequence[int]) -> Iterator[None]:
     For scoring this equals physical removal: a zeroed channel contributes nothing
     to any consumer, and zeroing after each BN also removes the BN's shift.
     """
+    with masked_variants(group, [tuple(channels)]):
+        yield
+
+
+@contextmanager
+def masked_variants(group: ChannelGroup, variants: Sequence[Sequence[int]]) -> Iterator[None]:
+    """`masked` for several candidates in one batch: rows [v·n, (v+1)·n) get variants[v] zeroed."""
     handles = []
     for member in group.members:
         if member.dim != "out":
             continue
-        idx = torch.tensor(member.indices_for(channels), dtype=torch.long)
+        weight = member.module.weight
+        mask = torch.ones(len(variants), weight.shape[0], device=weight.device)
+        for v, channels in enumerate(variants):
+            mask[v, member.indices_for(channels)] = 0.0
 
-        def zero(module: nn.Module, inputs: tuple, output: torch.Tensor, idx: torch.Tensor = idx) -> torch.Tensor:
-            return output.index_fill(1, idx.to(output.device), 0.0)
+        def zero(module: nn.Module, inputs: tuple, output: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
+            rows = mask.repeat_interleave(output.shape[0] // mask.shape[0], 0) if mask.shape[0] > 1 else mask
+            return output * rows.view(*rows.shape, *([1] * (output.ndim - 2))).to(output.dtype)
 
         handles.append(member.module.register_forward_hook(zero))
     try:

@@ -95,7 +95,8 @@ class RayExecutor:
 
     def __init__(self, subset: SearchSubset, num_workers: int = 2, *, options: ScoreOptions | None = None,
                  address: str | None = None, use_gpu: bool = False, cpus_per_worker: int = 1,
-                 threads_per_worker: int | None = None, max_attempts: int = 3, num_cpus: int | None = None) -> None:
+                 threads_per_worker: int | None = None, max_attempts: int = 3, num_cpus: int | None = None,
+                 start_timeout_s: float = 600.0) -> None:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -114,7 +115,13 @@ class RayExecutor:
         self._device = "cuda" if use_gpu else "cpu"
         self._cls = ray.remote(SearchWorker)
         self.actors = [self._new_actor() for _ in range(num_workers)]
-        ray.get([a.ping.remote() for a in self.actors])
+        try:
+            ray.get([a.ping.remote() for a in self.actors], timeout=start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            need = f"{num_workers} x {{CPU: {cpus_per_worker}{', GPU: 1' if use_gpu else ''}}}"
+            raise LaaspError(f"search actors ({need}) could not be placed within {start_timeout_s:.0f} s: the "
+                             f"cluster has no room for them; free resources, lower ray.search_workers, or set "
+                             f"ray.search_executor=ranks") from None
         self._shard_refs = [ray.put(s.to_table()) for s in subset.shards]
         self._round_ref: Any = None
 

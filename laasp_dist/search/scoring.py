@@ -40,7 +40,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import model_entry
 from ..pruning import Candidate, PrunableNetwork
-from ..pruning.groups import ChannelGroup
+from ..pruning.groups import ChannelGroup, masked_variants
 from .subset import Shard
 
 
@@ -143,34 +143,6 @@ def score_reference(net: PrunableNetwork, candidates: Sequence[Candidate], shard
 # ----------------------------------------------------------------------------------------------- fast
 
 
-@contextmanager
-def _variant_masks(group: ChannelGroup, variants: Sequence[tuple[int, ...]], device: torch.device) -> Iterator[None]:
-    """Zero, for the v-th block of rows of the batch, the root channels variants[v] at every output of the group.
-
-    The batch is variant-major: rows [v*n, (v+1)*n) belong to variant v.
-    """
-    handles = []
-    for member in group.members:
-        if member.dim != "out":
-            continue
-        size = member.module.weight.shape[0]
-        mask = torch.ones(len(variants), size, device=device)
-        for v, channels in enumerate(variants):
-            mask[v, member.indices_for(channels)] = 0.0
-
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
-            n = output.shape[0] // mask.shape[0]
-            m = mask.repeat_interleave(n, 0) if mask.shape[0] > 1 else mask
-            return output * m.view(m.shape[0], m.shape[1], *([1] * (output.ndim - 2))).to(output.dtype)
-
-        handles.append(member.module.register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 @dataclass
 class _Plan:
     """Distinct variants of a shard task, grouped by group and ordered by their first block."""
@@ -233,7 +205,7 @@ def _recalibrate_fast(net: PrunableNetwork, plan: _Plan, calibration: Shard, opt
             p += 1
         for v in vids:
             _start_recalibration(later[f])
-            with _variant_masks(group, [plan.variants[v][1]], device):
+            with masked_variants(group, [plan.variants[v][1]]):
                 for x in h:
                     _run(plan.blocks, f, x)
             overrides[v] = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in later[f]]
@@ -290,7 +262,7 @@ def score_fast(net: PrunableNetwork, candidates: Sequence[Candidate], shards: Se
                         batch = vids[j:j + per_pass]
                         z = h if len(batch) == 1 else h.repeat(len(batch), *([1] * (h.ndim - 1)))
                         stats = overrides[batch[0]] if overrides is not None else None
-                        with _variant_masks(group, [plan.variants[v][1] for v in batch], device), \
+                        with masked_variants(group, [plan.variants[v][1] for v in batch]), \
                                 _bn_override(later[f], stats):
                             logits = _run(plan.blocks, f, z)
                         losses = _per_image_loss(logits, labels.repeat(len(batch))).view(len(batch), n)

@@ -49,10 +49,10 @@ class RankExecutor:
     def start_round(self, net: PrunableNetwork, candidates: Sequence[Candidate], calibration: Shard | None) -> None:
         self._local.start_round(net, candidates, calibration)
 
-    def run(self, tasks: Sequence[Task]) -> list[np.ndarray]:
+    def run(self, tasks: Sequence[Task]) -> list[list[np.ndarray]]:
         mine = list(range(self.rank, len(tasks), self.world))
         done = dict(zip(mine, self._local.run([tasks[i] for i in mine])))
-        merged: dict[int, np.ndarray] = {}
+        merged: dict[int, list[np.ndarray]] = {}
         for part in sync.all_gather(done):
             merged.update(part)
         return [merged[i] for i in range(len(tasks))]
