@@ -5,9 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 from data_pipelines.make_folder import foolbox_data_dir, write_fashion_mnist_folder
 from data_pipelines.small_images import ImageArrays, load_small_dataset
+
+
+def randomise_bn(model: nn.Module, seed: int = 0, bias_scale: float = 0.5) -> None:
+    """Non-trivial BN affine and running stats, so that a wrong mask or a wrong loss shows in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = torch.rand(n, generator=g) + 0.5
+            m.bias.data = torch.randn(n, generator=g) * bias_scale
+            m.running_mean = torch.randn(n, generator=g) * 0.1
+            m.running_var = torch.rand(n, generator=g) + 0.5
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import randomise_bn
 from laasp_dist.errors import PruningError
 from laasp_dist.models import list_models, model_entry
 from laasp_dist.pruning import Arch, PrunableNetwork, list_criteria
@@ -18,18 +19,6 @@ def small_arch(name: str) -> Arch:
     """Every model at a small input so the whole matrix runs in seconds."""
     size = 32 if model_entry(name).input_size == 32 else 64
     return Arch(name, num_classes=10, in_channels=3, input_size=size)
-
-
-def randomise_bn(model: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BN affine and running stats, so a wrong mask shows up in the logits."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) + 0.5
-            m.bias.data = torch.randn(n, generator=g) * 0.5
-            m.running_mean = torch.randn(n, generator=g) * 0.1
-            m.running_var = torch.rand(n, generator=g) + 0.5
 
 
 def torch_macs(model: nn.Module, shape) -> int:

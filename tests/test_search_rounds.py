@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from conftest import randomise_bn  # noqa: E402
 from data_pipelines.small_images import ImageArrays  # noqa: E402
 from laasp_dist.config import PruneConfig  # noqa: E402
 from laasp_dist.pruning import Arch, PrunableNetwork  # noqa: E402
@@ -44,14 +44,7 @@ SAMPLED = {
 def make_net(name: str, size: int, seed: int = 0) -> PrunableNetwork:
     torch.manual_seed(seed)
     net = PrunableNetwork.create(Arch(name, 10, 3, size))
-    g = torch.Generator().manual_seed(seed)
-    for m in net.model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) + 0.5
-            m.bias.data = torch.randn(n, generator=g) * 0.2
-            m.running_mean = torch.randn(n, generator=g) * 0.1
-            m.running_var = torch.rand(n, generator=g) + 0.5
+    randomise_bn(net.model, seed, bias_scale=0.2)
     if name == "resnet20":  # score a network that has already been slimmed once
         net.apply(net.candidates(["l1"], 0.02, 0.75)[3])
     return net
