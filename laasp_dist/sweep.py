@@ -18,6 +18,7 @@ import yaml
 from .config import RunConfig, Section, build_config, load_config, merge_dicts, parse_overrides
 from .errors import ConfigError, LaaspError
 from .io import atomic_write
+from .runtime import ensure_ray
 
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
@@ -116,20 +117,6 @@ def sweep_trial(trial_config: dict[str, Any]) -> None:
                  "test_top1": summary["final_metrics"]["test_top1"]})
 
 
-def _init_ray(config: RunConfig, concurrent: int) -> bool:
-    import ray
-
-    if ray.is_initialized():
-        return False
-    r = config.ray
-    if r.address:
-        ray.init(address=r.address)
-    else:
-        per_trial = r.num_workers * r.cpus_per_worker + r.search_workers
-        ray.init(num_cpus=concurrent * per_trial + 1, include_dashboard=False)
-    return True
-
-
 def run_sweep(config_path: str | Path, overrides: list[str], params: list[str], out_dir: str | Path,
               resume: bool = False, max_concurrent: int = 1) -> "Any":
     """Run (or resume) a sweep; returns the results table (a pandas DataFrame)."""
@@ -155,7 +142,9 @@ def run_sweep(config_path: str | Path, overrides: list[str], params: list[str], 
 
     import ray
 
-    started = _init_ray(base, max_concurrent)
+    r = base.ray
+    per_trial = r.num_workers * r.cpus_per_worker + r.search_workers
+    started = ensure_ray(r.address, max_concurrent * per_trial + 1, log_to_driver=True)
     try:
         trainable = tune.with_resources(sweep_trial, {"CPU": TRIAL_CPU})
         if resume:

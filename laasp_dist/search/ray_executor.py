@@ -24,22 +24,10 @@ import torch
 
 from ..errors import LaaspError
 from ..pruning import Candidate, PrunableNetwork, network_from_spec, network_spec
+from ..runtime import ensure_ray
 from .executors import Task
 from .scoring import ScoreOptions, get_scorer
 from .subset import SearchSubset, Shard
-
-
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to `address`, or start an embedded local Ray (no dashboard) when none is running."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, ignore_reinit_error=True,
-                 log_to_driver=False)
 
 
 class SearchWorker:

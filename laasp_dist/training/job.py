@@ -22,6 +22,7 @@ from typing import Any
 from ..config import RunConfig, load_config, save_config
 from ..errors import ConfigError, DataError, LaaspError
 from ..io import write_json
+from ..runtime import ensure_ray
 from ..pruning import PrunableNetwork
 from ..search import check_search_inputs, read_subset
 from .checkpoint import CHECKPOINT_DIR, CheckpointError, checkpoint_path, load_checkpoint
@@ -113,21 +114,6 @@ def build_subset_dir(config: RunConfig, splits: Any, directory: Path) -> Path:
     return write_subset(subset, directory)
 
 
-def _init_ray(config: RunConfig) -> bool:
-    """Connect to `ray.address`, or start an embedded Ray; returns whether this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    r = config.ray
-    if r.address:
-        ray.init(address=r.address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=r.num_workers * r.cpus_per_worker + r.search_workers, include_dashboard=False,
-                 log_to_driver=True)
-    return True
-
-
 def _first_laasp_error(exc: BaseException) -> LaaspError | None:
     seen, todo = set(), [exc]
     while todo:
@@ -170,9 +156,10 @@ def run_job(config: RunConfig, out_dir: str | Path | None = None, resume: bool =
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    started = _init_ray(config)
+    r = config.ray
+    # training ranks wait during a round, so the search actors get the cores
+    started = ensure_ray(r.address, r.num_workers * r.cpus_per_worker + r.search_workers, log_to_driver=True)
     try:
-        r = config.ray
         resources = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}
         trainer = TorchTrainer(
             train_loop_per_worker=train_worker,
