@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
-from .io import atomic_write
+from .storage import Storage, as_storage
 
 
 class Section(BaseModel):
@@ -93,6 +93,10 @@ class RayConfig(Section):
         "training ranks, idle during a round, each scoring its share of the shards on its own device), 'local' "
         "(the coordinator alone); auto = actors on CPU, ranks with use_gpu")
     collective_timeout_s: int = Field(1800, ge=10, description="torch.distributed timeout; covers a whole search round, during which non-coordinator ranks wait")
+    max_failures: int = Field(3, ge=-1, description="times Ray Train restarts the worker group after a worker or node "
+                              "failure, continuing from the last checkpoint (-1: no limit, 0: stop at the first)")
+    placement_strategy: Literal["PACK", "SPREAD"] = Field(
+        "PACK", description="how Ray places the training workers: PACK fills nodes, SPREAD puts them on distinct nodes")
 
 
 class RunConfig(Section):
@@ -157,11 +161,11 @@ def build_config(data: dict[str, Any]) -> RunConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read YAML (if given), apply overrides, validate."""
+    """Read YAML (if given: a local path or a URI), apply overrides, validate."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.safe_load(as_storage(path).read_text("")) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as exc:
@@ -171,7 +175,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     return build_config(merge_dicts(data, parse_overrides(list(overrides))))
 
 
-def save_config(config: RunConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    atomic_write(path, lambda p: p.write_text(text))
+def save_config(config: RunConfig, location: str | Path | Storage) -> None:
+    """Write the resolved config as YAML (a local path or a URI)."""
+    as_storage(location).write_text("", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

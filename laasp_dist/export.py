@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from .errors import LaaspError
-from .io import atomic_write
 from .pruning import PrunableNetwork, load_slim_model
 from .pruning.spec import SPEC_FILE
+from .storage import Storage, as_storage
 
 FORMATS: tuple[str, ...] = ("torchscript", "onnx")
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
@@ -44,27 +44,27 @@ class UnfinishedRunError(ExportError):
 class ExportResult:
     """Where the export went and how closely it reproduces the PyTorch model."""
 
-    path: Path
+    path: str
     format: str
-    model_dir: Path
+    model_dir: str
     max_abs_diff: float
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """The slim-model directory of a run folder (``final/``) or of a bare slim-model folder."""
-    path = Path(path)
-    if (path / SPEC_FILE).is_file():
-        return path
-    if (path / "final" / SPEC_FILE).is_file():
-        return path / "final"
-    if not path.is_dir():
-        raise ExportError(f"{path} is not a directory")
-    raise UnfinishedRunError(f"{path} is not a finished run: no final/{SPEC_FILE} (a run writes final/ when it ends)")
+def resolve_model_dir(location: str | Path | Storage) -> Storage:
+    """The slim-model folder of a run folder (``final/``) or a bare slim-model folder (a local path or a URI)."""
+    folder = as_storage(location)
+    if folder.is_file(SPEC_FILE):
+        return folder
+    if folder.is_file(f"final/{SPEC_FILE}"):
+        return folder.child("final")
+    if not folder.exists() or folder.is_file(""):
+        raise ExportError(f"{folder} is not a directory")
+    raise UnfinishedRunError(f"{folder} is not a finished run: no final/{SPEC_FILE} (a run writes final/ when it ends)")
 
 
-def default_output(path: str | Path, fmt: str) -> Path:
+def default_output(location: str | Path | Storage, fmt: str) -> Storage:
     """``<dir>/export/model.pt`` (TorchScript) or ``<dir>/export/model.onnx``."""
-    return Path(path) / "export" / f"model{SUFFIX[fmt]}"
+    return as_storage(location).child(f"export/model{SUFFIX[fmt]}")
 
 
 def example_input(net: PrunableNetwork, batch: int, seed: int = 0) -> torch.Tensor:
@@ -116,12 +116,15 @@ def _first_line(exc: BaseException) -> str:
 
 def export_model(path: str | Path, fmt: str, out: str | Path | None = None,
                  tolerance: float = TOLERANCE) -> ExportResult:
-    """Export the slim model under `path` (run folder or slim-model folder) to `out` in `fmt`."""
+    """Export the slim model under `path` (run folder or slim-model folder) to the file `out` in `fmt`.
+
+    Both may be local paths or URIs; by default the file goes to ``export/`` beside the model.
+    """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     model_dir = resolve_model_dir(path)
-    out = Path(out) if out is not None else default_output(path, fmt)
-    if out.is_dir():
+    out = as_storage(out) if out is not None else default_output(path, fmt)
+    if out.exists() and not out.is_file(""):
         raise ExportError(f"--out {out} is a directory; give a file name")
     net = load_slim_model(model_dir)
     model = net.model.eval()
@@ -146,5 +149,5 @@ def export_model(path: str | Path, fmt: str, out: str | Path | None = None,
         if diff[0] > tolerance:
             raise ExportError(f"{fmt} export differs from PyTorch by {diff[0]:.2e} (> {tolerance:.0e}); not written")
 
-    atomic_write(out, write_and_check)
-    return ExportResult(out, fmt, model_dir, diff[0])
+    out.write_with("", write_and_check)
+    return ExportResult(out.location, fmt, model_dir.location, diff[0])

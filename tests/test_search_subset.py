@@ -79,7 +79,8 @@ def test_subset_larger_than_data_is_a_clear_error(fashion_test):
 
 def test_missing_or_damaged_shards_are_clear_errors(fashion_train, tmp_path):
     sub = build_subset(fashion_train, 60, 3, seed=0)
-    d = write_subset(sub, tmp_path / "s")
+    d = tmp_path / "s"
+    write_subset(sub, d)
     (d / "shard-00001.parquet").unlink()
     with pytest.raises(DataError, match="missing shard file.*shard-00001.parquet"):
         read_subset(d)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
 from ..errors import LaaspError
 
 
@@ -15,7 +13,7 @@ class UnfinishedRunError(LaaspError):
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="measure a run's final model on its val and test data")
-    p.add_argument("run_dir", help="a finished run folder")
+    p.add_argument("run_dir", help="a finished run folder (a local path or a URI such as s3://bucket/run)")
     p.add_argument("--data", default=None, help="data root to evaluate on instead of the run's data.root")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=run)
@@ -23,14 +21,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
+    from ..storage import Storage
     from ..training import measure_slim_model
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UnfinishedRunError(f"{run_dir} is not a laasp-dist run folder (no config.yaml)")
-    if not (run_dir / "final" / "spec.json").is_file():
-        raise UnfinishedRunError(f"{run_dir} has no final model yet (final/spec.json): the run has not finished")
+    run = Storage(args.run_dir)
+    if not run.is_file("config.yaml"):
+        raise UnfinishedRunError(f"{run} is not a laasp-dist run folder (no config.yaml)")
+    if not run.is_file("final/spec.json"):
+        raise UnfinishedRunError(f"{run} has no final model yet (final/spec.json): the run has not finished")
     overrides = [f"data.root={args.data}"] if args.data else []
-    config = load_config(run_dir / "config.yaml", overrides)
-    print(json.dumps({"run": str(run_dir), **measure_slim_model(run_dir / "final", config, args.device)}, indent=1))
+    config = load_config(run.child("config.yaml"), overrides)
+    print(json.dumps({"run": run.location, **measure_slim_model(run.child("final"), config, args.device)}, indent=1))
     return 0

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-import json
+import io
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..errors import LaaspError  # noqa: E402
 from ..pruning import read_spec  # noqa: E402
+from ..storage import Storage, as_storage  # noqa: E402
 from .figures import width_figure  # noqa: E402
 
 
@@ -42,7 +43,13 @@ def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(values.items()) for tag, values in series.items()}
 
 
-def _plot_training(scalars: dict[str, list[tuple[int, float]]], winners: pd.DataFrame, path: Path) -> None:
+def _save(fig: plt.Figure, out: Storage, name: str) -> str:
+    out.write_with(name, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return out.uri_of(name)
+
+
+def _plot_training(scalars: dict[str, list[tuple[int, float]]], winners: pd.DataFrame) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     for tag, style in (("train/top1", "--"), ("val/top1", "-")):
         if tag in scalars:
@@ -60,11 +67,10 @@ def _plot_training(scalars: dict[str, list[tuple[int, float]]], winners: pd.Data
     ax.legend(lines, [h.get_label() for h in lines], loc="lower right", fontsize=8)
     ax.set_title(f"accuracy and FLOPs over the run ({len(winners)} pruning rounds)")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
 
 
-def _plot_criteria(winners: pd.DataFrame, criteria: list[str], path: Path) -> None:
+def _plot_criteria(winners: pd.DataFrame, criteria: list[str]) -> plt.Figure:
     counts = Counter(winners["criterion"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     names = criteria + sorted(set(counts) - set(criteria))
@@ -79,34 +85,29 @@ def _plot_criteria(winners: pd.DataFrame, criteria: list[str], path: Path) -> No
     right.set_ylabel("subset loss of the winner")
     right.set_title("winner's loss per round")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Write the three figures into `out_dir` (default RUN_DIR/report); returns their paths."""
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file() or not (run / "tensorboard").is_dir():
+def write_report(run_dir: str | Path | Storage, out_dir: str | Path | Storage | None = None) -> list[str]:
+    """Write the three figures into `out_dir` (default RUN_DIR/report; local paths or URIs); returns where."""
+    run = as_storage(run_dir)
+    if not run.is_file("config.yaml") or not run.exists("tensorboard"):
         raise NotARunError(f"{run} is not a laasp-dist run folder (no config.yaml and tensorboard/)")
-    out = Path(out_dir) if out_dir else run / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    history = pd.read_parquet(run / "history.parquet") if (run / "history.parquet").is_file() else None
+    out = as_storage(out_dir) if out_dir else run.child("report")
+    history = pd.read_parquet(io.BytesIO(run.read_bytes("history.parquet"))) if run.is_file("history.parquet") else None
     winners = history[history["chosen"]] if history is not None else pd.DataFrame(columns=["round", "criterion", "loss"])
     criteria = list(dict.fromkeys(history["criterion"])) if history is not None else []
-    model_dir = run / "final" if (run / "final" / "spec.json").is_file() else None
-    paths = [out / "training.png", out / "criteria.png"]
-    _plot_training(_scalars(run / "tensorboard"), winners, paths[0])
-    _plot_criteria(winners, criteria, paths[1])
-    if model_dir is not None:
-        spec = read_spec(model_dir)
+    with run.local_copy("tensorboard") as tb_dir:
+        scalars = _scalars(tb_dir)
+    paths = [_save(_plot_training(scalars, winners), out, "training.png"),
+             _save(_plot_criteria(winners, criteria), out, "criteria.png")]
+    if run.is_file("final/spec.json"):
+        spec = read_spec(run.child("final"))
         fig = width_figure(spec["original_widths"], spec["widths"],
                            f"channels kept per group: FLOPs -{1 - spec['macs'] / spec['base_macs']:.1%}")
-        fig.savefig(out / "widths.png")
-        plt.close(fig)
-        paths.append(out / "widths.png")
-    summary = run / "summary.json"
-    if summary.is_file():
-        (out / "summary.txt").write_text(_summary_text(json.loads(summary.read_text())))
+        paths.append(_save(fig, out, "widths.png"))
+    if run.is_file("summary.json"):
+        out.write_text("summary.txt", _summary_text(run.read_json("summary.json")))
     return paths
 
 

@@ -9,25 +9,37 @@ criteria pool) and ``prune/round_flops_reduction``; the winner's name and group 
 recovery and at the end. A resumed run appends to the same folder (a new event
 file); an epoch that was interrupted mid-way can appear twice, the later value
 being the one that counts.
+
+On a local run folder the logs are written in place (``tensorboard --logdir`` follows
+the run live). A run folder on an object store cannot be appended to: the logs are
+staged in a local temporary folder and uploaded to ``<run>/tensorboard`` with every
+checkpoint (`sync`), so they are at most one epoch or round behind there.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import matplotlib.pyplot as plt
 
+from ..storage import Storage
 from .figures import width_figure
+
+LOG_DIR = "tensorboard"
 
 
 class RunMonitor:
     """A SummaryWriter with the run's vocabulary."""
 
-    def __init__(self, log_dir: str | Path, criteria: Sequence[str]) -> None:
+    def __init__(self, run: Storage, criteria: Sequence[str]) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(log_dir))
+        self.run = run
+        self.staging = None if run.is_local else tempfile.mkdtemp(prefix="laasp-tensorboard-")
+        self.writer = SummaryWriter(str(run.local_path(LOG_DIR)) if self.staging is None else self.staging)
         self.criteria = list(criteria)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -47,7 +59,13 @@ class RunMonitor:
         plt.close(fig)
 
     def flush(self) -> None:
+        """Write out pending events (and upload them when the run folder is remote)."""
         self.writer.flush()
+        if self.staging is not None:
+            self.run.upload(Path(self.staging), LOG_DIR)
 
     def close(self) -> None:
+        self.flush()
         self.writer.close()
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)

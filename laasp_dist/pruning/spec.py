@@ -9,6 +9,7 @@ spec: no pickled module is ever loaded.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import SpecError
-from ..io import replace_dir, torch_save, write_json
+from ..storage import Storage, as_storage
 from ..models import create_model
 from .network import Arch, PrunableNetwork, PruneRecord
 
@@ -103,51 +104,60 @@ def replay(net: PrunableNetwork, prunes: list[PruneRecord]) -> PrunableNetwork:
     return net
 
 
-def save_slim_model(net: PrunableNetwork, out_dir: str | Path) -> Path:
-    """Write spec.json + weights.pt into `out_dir`, replacing any earlier content in one swap."""
+def save_slim_model(net: PrunableNetwork, location: str | Path | Storage) -> Storage:
+    """Write spec.json + weights.pt into a folder (local path or URI), replacing any earlier content.
+
+    Locally the folder is swapped in by one rename; on an object store spec.json goes last,
+    so a reader that finds it finds the matching weights.
+    """
     spec = network_spec(net)
     state = {k: v.detach().cpu().clone() for k, v in net.model.state_dict().items()}
 
     def fill(tmp: Path) -> None:
-        write_json(tmp / SPEC_FILE, spec)
-        torch_save(tmp / WEIGHTS_FILE, state)
+        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+        torch.save(state, tmp / WEIGHTS_FILE)
 
-    replace_dir(out_dir, fill)
-    return Path(out_dir)
+    folder = as_storage(location)
+    folder.write_dir("", fill, last=SPEC_FILE)
+    return folder
 
 
-def read_spec(path: str | Path) -> dict[str, Any]:
-    """Read and check a spec.json (or the spec.json inside a directory)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / SPEC_FILE
+def read_spec(location: str | Path | Storage) -> dict[str, Any]:
+    """Read and check a spec.json, given the file or the slim-model folder that holds it."""
+    store = as_storage(location)
+    rel = "" if store.is_file("") else SPEC_FILE
+    where = store.uri_of(rel)
     try:
-        spec = json.loads(path.read_text())
+        spec = json.loads(store.read_bytes(rel))
     except FileNotFoundError:
-        raise SpecError(f"no slim-model spec at {path}") from None
+        raise SpecError(f"no slim-model spec at {where}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
-    _check_format(spec, path)
+        raise SpecError(f"{where} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+    _check_format(spec, where)
     return spec
 
 
-def load_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """torch.load(weights_only=True) with clear errors for missing or damaged files."""
+def load_state(location: str | Path | Storage) -> dict[str, torch.Tensor]:
+    """torch.load(weights_only=True) of a weights file, with clear errors for missing or damaged files."""
+    store = as_storage(location)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = store.read_bytes("")
     except FileNotFoundError:
-        raise SpecError(f"no weights file at {path}") from None
+        raise SpecError(f"no weights file at {store}") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated/corrupt files
-        raise SpecError(f"{path} is not a readable weights file ({type(exc).__name__})") from None
+        raise SpecError(f"{store} is not a readable weights file ({type(exc).__name__})") from None
     if not isinstance(state, dict):
-        raise SpecError(f"{path} does not hold a state dict")
+        raise SpecError(f"{store} does not hold a state dict")
     return state
 
 
-def load_slim_model(model_dir: str | Path) -> PrunableNetwork:
-    """Load a slim model written by `save_slim_model`."""
-    spec = read_spec(model_dir)
-    return network_from_spec(spec, load_state(Path(model_dir) / WEIGHTS_FILE))
+def load_slim_model(location: str | Path | Storage) -> PrunableNetwork:
+    """Load a slim model written by `save_slim_model` (a local folder or a URI)."""
+    folder = as_storage(location)
+    spec = read_spec(folder)
+    return network_from_spec(spec, load_state(folder.child(WEIGHTS_FILE)))
 
 
 def _check_format(spec: Any, where: Path | str = "spec") -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import PruneConfig
 from ..errors import DataError, PruningError
-from ..io import atomic_write
+from ..storage import Storage, as_storage
 from ..pruning import PrunableNetwork, get_criterion
 from ..pruning.steps import min_width
 from .executors import Executor
@@ -91,20 +91,19 @@ def history_rows(results: Sequence[RoundResult]) -> list[dict[str, Any]]:
             for r in results for row in r.table]
 
 
-def write_history(results: Sequence[RoundResult], path: str | Path) -> Path:
-    """Every round's candidate table as one Parquet file (`history.parquet`)."""
+def write_history(results: Sequence[RoundResult], location: str | Path | Storage) -> None:
+    """Every round's candidate table as one Parquet file (`history.parquet`), at a local path or URI."""
     rows = history_rows(results)
     schema = pa.schema([("round", pa.int32()), ("group", pa.string()), ("criterion", pa.string()),
                         ("k", pa.int32()), ("loss", pa.float64()), ("shards_seen", pa.int32()),
                         ("images_seen", pa.int64()), ("chosen", pa.bool_()), ("macs_before", pa.int64()),
                         ("macs_after", pa.int64()), ("channels", pa.list_(pa.int32()))])
     table = pa.Table.from_pylist(rows, schema=schema)
-    atomic_write(path, lambda p: pq.write_table(table, p))
-    return Path(path)
+    as_storage(location).write_with("", lambda p: pq.write_table(table, p))
 
 
-def read_history(path: str | Path) -> list[dict[str, Any]]:
+def read_history(location: str | Path | Storage) -> list[dict[str, Any]]:
     try:
-        return pq.read_table(path).to_pylist()
+        return pq.read_table(pa.BufferReader(as_storage(location).read_bytes(""))).to_pylist()
     except FileNotFoundError:
-        raise DataError(f"no pruning history at {path}") from None
+        raise DataError(f"no pruning history at {location}") from None

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..errors import DataError
-from ..io import atomic_write, write_json
+from ..storage import Storage, StorageError, as_storage
 
 FORMAT = "laasp-dist/search-subset"
 VERSION = 1
@@ -143,45 +143,45 @@ def shard_file(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
-def write_subset(subset: SearchSubset, directory: str | Path) -> Path:
-    """Write every shard as Parquet plus the manifest (each file written atomically)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+def write_subset(subset: SearchSubset, location: str | Path | Storage) -> Storage:
+    """Write every shard as Parquet plus the manifest, into a folder (local path or URI); each file atomic."""
+    folder = as_storage(location)
     for shard in subset.shards:
-        atomic_write(directory / shard_file(shard.index), lambda p, s=shard: pq.write_table(s.to_table(), p))
-    write_json(directory / MANIFEST, {
+        table = shard.to_table()
+        folder.write_with(shard_file(shard.index), lambda p, t=table: pq.write_table(t, p))
+    folder.write_json(MANIFEST, {
         "format": FORMAT, "version": VERSION, "num_classes": subset.num_classes, "seed": subset.seed,
         "shards": [{"file": shard_file(s.index), "images": len(s)} for s in subset.shards],
     })
-    return directory
+    return folder
 
 
-def read_subset(directory: str | Path) -> SearchSubset:
+def read_subset(location: str | Path | Storage) -> SearchSubset:
     """Read a subset written by `write_subset`; a missing or damaged shard is a DataError before any work."""
-    directory = Path(directory)
+    folder = as_storage(location)
     try:
-        manifest = json.loads((directory / MANIFEST).read_text())
+        manifest = folder.read_json(MANIFEST)
     except FileNotFoundError:
-        raise DataError(f"no search subset at {directory} ({MANIFEST} is missing)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise DataError(f"{directory / MANIFEST} is not valid JSON") from None
+        raise DataError(f"no search subset at {folder} ({MANIFEST} is missing)") from None
+    except StorageError as exc:
+        raise DataError(str(exc)) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise DataError(f"{directory / MANIFEST} is not a {FORMAT} v{VERSION} manifest")
+        raise DataError(f"{folder.uri_of(MANIFEST)} is not a {FORMAT} v{VERSION} manifest")
     entries = manifest.get("shards") or []
-    missing = [e["file"] for e in entries if not (directory / e["file"]).is_file()]
+    missing = [e["file"] for e in entries if not folder.is_file(e["file"])]
     if not entries or missing:
-        raise DataError(f"search subset at {directory} is missing shard file(s): {', '.join(missing) or 'all'} "
+        raise DataError(f"search subset at {folder} is missing shard file(s): {', '.join(missing) or 'all'} "
                         f"(the manifest lists {len(entries)})")
     shards = []
     for i, entry in enumerate(entries):
-        path = directory / entry["file"]
+        where = folder.uri_of(entry["file"])
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(pa.BufferReader(folder.read_bytes(entry["file"])))
         except (pa.ArrowInvalid, OSError) as exc:
-            raise DataError(f"shard {path} is not a readable Parquet file ({exc})") from None
-        shard = Shard.from_table(table, str(path))
+            raise DataError(f"shard {where} is not a readable Parquet file ({exc})") from None
+        shard = Shard.from_table(table, where)
         if len(shard) != entry["images"] or shard.index != i:
-            raise DataError(f"shard {path} holds {len(shard)} images as shard {shard.index}; "
+            raise DataError(f"shard {where} holds {len(shard)} images as shard {shard.index}; "
                             f"the manifest says {entry['images']} as shard {i}")
         shards.append(shard)
     return SearchSubset(tuple(shards), int(manifest["num_classes"]), int(manifest["seed"]))
