@@ -6,6 +6,8 @@
 #   cluster/local_cluster.sh status   list the nodes (exit 1 if the cluster is not up)
 #   cluster/local_cluster.sh env      print the exports a client needs: eval "$(cluster/local_cluster.sh env)"
 #   cluster/local_cluster.sh stop     stop both nodes (only the processes this script started)
+#   cluster/local_cluster.sh kill-worker   SIGKILL the worker node's raylet and everything on it, at once:
+#                                     a lost node (spot reclaim, hardware), for trying out recovery
 #
 # Settings (environment): LAASP_CLUSTER_DIR (state: token, temp dirs, logs, session ids;
 # keep it short, Ray's socket paths must stay under 107 characters), LAASP_RAY_PORT (GCS, 6379),
@@ -109,6 +111,16 @@ cmd_stop() {
     echo "local_cluster: stopped"
 }
 
+cmd_kill_worker() {
+    if ! alive worker; then
+        echo "local_cluster: the worker node is not running" >&2
+        exit 1
+    fi
+    signal_session KILL "$(cat "$STATE/worker.sid")"
+    rm -f "$STATE/worker.sid"
+    echo "local_cluster: worker node killed"
+}
+
 cmd_status() {
     if ! alive head; then
         echo "local_cluster: not running (state in $STATE)"
@@ -138,7 +150,8 @@ cmd_env() {
 case "${1:-}" in
     start) cmd_start ;;
     stop) cmd_stop ;;
+    kill-worker) cmd_kill_worker ;;
     status) cmd_status ;;
     env) cmd_env ;;
-    *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+    *) echo "usage: $0 start|stop|status|env|kill-worker" >&2; exit 2 ;;
 esac

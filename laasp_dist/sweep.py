@@ -105,13 +105,16 @@ def sweep_trial(trial_config: dict[str, Any]) -> None:
     """Tune trainable (runs in a trial actor): one whole LAASP run, resumed if it was cut off."""
     from ray import tune
 
+    from .storage import Storage
     from .training import run_job
-    from .training.checkpoint import checkpoint_path
+    from .training.checkpoint import checkpoint_names
 
     trial = trial_config["trial"]
-    run_dir = Path(trial_config["sweep_dir"]) / TRIALS_DIR / trial["name"]
-    resume = checkpoint_path(run_dir).is_file()
-    summary = run_job(build_config(trial["config"]), run_dir, resume=resume)
+    run = Storage(Path(trial_config["sweep_dir"]) / TRIALS_DIR / trial["name"])
+    resume = bool(checkpoint_names(run))
+    if not resume:
+        run.delete()  # a trial cut off before its first checkpoint starts over
+    summary = run_job(build_config(trial["config"]), run, resume=resume)
     tune.report({"flops_reduction": summary["flops_reduction"],
                  "val_top1": summary["final_metrics"]["val_top1"],
                  "test_top1": summary["final_metrics"]["test_top1"]})

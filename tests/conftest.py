@@ -1,7 +1,8 @@
-"""Shared, generic fixtures: the real data sets that ship on these machines, loaded or written once per session."""
+"""Shared fixtures: the real data sets that ship on these machines, one Ray session, and one finished tiny run."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,23 @@ from torch import nn
 
 from data_pipelines.make_folder import foolbox_data_dir, write_fashion_mnist_folder
 from data_pipelines.small_images import ImageArrays, load_small_dataset
+
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+# The tiny LAASP job of the tests: ResNet-20 on 400 Fashion-MNIST images, 2 Ray Train workers on CPU,
+# 3 epochs, 4 pruning rounds to -20 % FLOPs (about a minute).
+TINY_TARGET = 0.2
+TINY = {
+    "name": "tiny", "seed": 0,
+    "model": {"name": "resnet20"},
+    "data": {"dataset": "fashion_mnist", "val_size": 100, "train_limit": 400, "test_limit": 200,
+             "batch_size": 64, "eval_batch_size": 100},
+    "train": {"total_epochs": 3, "lr": 0.05, "milestones": [2], "steps_per_epoch": 3, "progress_bar": False},
+    "prune": {"start_epoch": 1, "target_flops_reduction": TINY_TARGET, "step_flops": 0.05, "recover_flops": 0.1,
+              "recover_epochs": 1, "subset_size": 100, "subset_shards": 2, "criteria": ["l1", "fpgm"]},
+    "ray": {"num_workers": 2, "search_workers": 1},
+}
 
 
 def randomise_bn(model: nn.Module, seed: int = 0, bias_scale: float = 0.5) -> None:
@@ -60,3 +78,24 @@ def jpeg_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         val_per_class=4,
         photos=True,
     )
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray for every in-process Ray test (3 logical CPUs: 2 Train workers + 1 search actor)."""
+    import ray
+
+    ray.init(num_cpus=3, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The TINY job run once, uninterrupted: the reference of every test that only reads a run folder."""
+    from laasp_dist.config import build_config
+    from laasp_dist.training import run_job
+
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    run_job(build_config(TINY), out)
+    return out

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -197,12 +198,25 @@ def local_cluster() -> Iterator[LocalCluster]:
         shutil.rmtree(state, ignore_errors=True)
 
 
+NO_AGENT_YET = "No available agent to submit job"  # the head's job agent is still starting (a loaded machine)
+
+
+def _job_submit(cluster: LocalCluster, args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """`ray job submit ARGS`, tried again for up to a minute while the job agent is not up yet."""
+    for _ in range(30):
+        res = _run([str(RAY), "job", "submit", "--address", cluster.jobs_url, *args], cluster.env, timeout)
+        if NO_AGENT_YET not in res.stderr:
+            return res
+        time.sleep(2)
+    return res
+
+
 def _submit(cluster: LocalCluster, entrypoint: list[str], timeout: float, **env_vars: str) -> tuple[str, str]:
     """`ray job submit` (blocking) from the repository root; returns (submission id, the job's logs)."""
     job_id = f"laasp-test-{uuid.uuid4().hex[:8]}"
     runtime_env = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
-    res = _run([str(RAY), "job", "submit", "--address", cluster.jobs_url, "--submission-id", job_id,
-                "--working-dir", ".", *runtime_env, "--", *entrypoint], cluster.env, timeout)
+    res = _job_submit(cluster, ["--submission-id", job_id, "--working-dir", ".", *runtime_env, "--", *entrypoint],
+                      timeout)
     status = _run([str(RAY), "job", "status", "--address", cluster.jobs_url, job_id], cluster.env, 60)
     logs = _run([str(RAY), "job", "logs", "--address", cluster.jobs_url, job_id], cluster.env, 60).stdout
     assert res.returncode == 0 and "succeeded" in status.stdout.lower(), (res.stdout + res.stderr)[-4000:]
@@ -238,30 +252,79 @@ def test_flops_job_runs_on_the_cluster(local_cluster: LocalCluster) -> None:
 
 
 TINY_RUN = [
-    "ray.address=auto", "ray.num_workers=2", "ray.cpus_per_worker=2", "ray.search_executor=ranks",
-    "data.train_limit=200", "data.val_size=64", "data.test_limit=100", "data.batch_size=32",
-    "data.eval_batch_size=100", "train.total_epochs=2", "train.steps_per_epoch=1", "train.progress_bar=false",
-    "prune.start_epoch=1", "prune.target_flops_reduction=0.05", "prune.step_flops=0.05", "prune.recover_flops=0.1",
-    "prune.subset_size=32", "prune.subset_shards=2", "prune.criteria=[l1,fpgm]",
+    "ray.address=auto", "ray.num_workers=2", "ray.cpus_per_worker=1", "ray.placement_strategy=SPREAD",
+    "ray.search_executor=ranks", "data.train_limit=200", "data.val_size=64", "data.test_limit=100",
+    "data.batch_size=32", "data.eval_batch_size=100", "train.total_epochs=3", "train.steps_per_epoch=1",
+    "train.progress_bar=false", "prune.start_epoch=1", "prune.target_flops_reduction=0.1", "prune.step_flops=0.05",
+    "prune.recover_flops=0.1", "prune.subset_size=32", "prune.subset_shards=2", "prune.criteria=[l1,fpgm]",
 ]
+
+
+def _train_worker_nodes(cluster: LocalCluster, alive_only: bool = False) -> list[str]:
+    """The nodes Ray Train workers ran on (or run on now, with `alive_only`)."""
+    filters = [("class_name", "=", "RayTrainWorker")] + ([("state", "=", "ALIVE")] if alive_only else [])
+    return _client_python(
+        "import json\nfrom ray.util.state import list_actors\n"
+        f"actors = list_actors(address={cluster.jobs_url!r}, filters={filters!r},"
+        " detail=True, raise_on_missing_output=False)\n"
+        "print(json.dumps(sorted({a.node_id for a in actors})))",
+        cluster)
+
+
+def _run_entrypoint(out: Path) -> list[str]:
+    # SPREAD puts the two 1-CPU workers on different nodes; the candidate search runs on the training
+    # ranks, so that after losing a node the head's 2 CPUs hold the whole run again.
+    return ["laasp-dist", "run", "jobs/demo.yaml", *[arg for s in TINY_RUN for arg in ("--set", s)], "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def cluster_run(local_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The tiny run across both nodes, uninterrupted: (run folder, the job's logs)."""
+    out = tmp_path_factory.mktemp("cluster") / "run"
+    _, logs = _submit(local_cluster, _run_entrypoint(out), timeout=260, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1")
+    return out, logs
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(not (ROOT / "laasp_dist" / "commands" / "run.py").is_file(), reason="no `laasp-dist run` yet")
-def test_run_job_trains_across_both_nodes(local_cluster: LocalCluster, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    # Each of the 2 workers asks for 2 CPUs and each node has 2: they cannot share a node, and the
-    # candidate search runs on the training ranks (search actors would find no CPU left).
-    sets = [arg for s in TINY_RUN for arg in ("--set", s)]
-    job_id, logs = _submit(local_cluster, ["laasp-dist", "run", "jobs/demo.yaml", *sets, "--out", str(out)],
-                           timeout=260, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1")
+def test_run_job_trains_across_both_nodes(local_cluster: LocalCluster, cluster_run: tuple[Path, str]) -> None:
+    out, logs = cluster_run
     assert (out / "final" / "spec.json").is_file() and (out / "summary.json").is_file(), logs[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["flops_reduction"] >= 0.05 - 1e-9
-    worker_nodes = _client_python(
-        "import json\nfrom ray.util.state import list_actors\n"
-        f"actors = list_actors(address={local_cluster.jobs_url!r}, filters=[('class_name', '=', 'RayTrainWorker')],"
-        " detail=True, raise_on_missing_output=False)\n"
-        "print(json.dumps(sorted({a.node_id for a in actors})))",
-        local_cluster)
-    assert len(worker_nodes) == 2, f"Train workers of {job_id} ran on {worker_nodes}"
+    assert summary["flops_reduction"] >= 0.1 - 1e-9 and summary["restarts"] == []
+    worker_nodes = _train_worker_nodes(local_cluster)
+    assert len(worker_nodes) == 2, f"Train workers ran on {worker_nodes}"
+
+
+@pytest.mark.timeout(600)
+def test_run_survives_losing_the_worker_node(local_cluster: LocalCluster, cluster_run: tuple[Path, str],
+                                             tmp_path: Path) -> None:
+    """Last in the module: it kills the worker node. The run goes on on the head node by itself."""
+    import pandas as pd
+
+    from processes import checkpoints_reported, wait_for
+
+    out = tmp_path / "run"
+    job_id = f"laasp-node-loss-{uuid.uuid4().hex[:8]}"
+    submitted = _job_submit(local_cluster, ["--submission-id", job_id, "--no-wait", "--working-dir", ".",
+                                            "--runtime-env-json",
+                                            json.dumps({"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}}),
+                                            "--", *_run_entrypoint(out)], 120)
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    wait_for(lambda: checkpoints_reported(out) >= 3, 300, "the 3rd checkpoint")
+    assert len(_train_worker_nodes(local_cluster, alive_only=True)) == 2  # the run is on both nodes when one goes
+    killed = _run(["bash", str(SCRIPT), "kill-worker"], local_cluster.env, 60)
+    assert killed.returncode == 0, killed.stderr
+
+    def finished() -> bool:
+        status = _run([str(RAY), "job", "status", "--address", local_cluster.jobs_url, job_id], local_cluster.env, 60)
+        return any(word in status.stdout for word in ("SUCCEEDED", "FAILED", "STOPPED"))
+
+    wait_for(finished, 480, "the job to end")
+    logs = _run([str(RAY), "job", "logs", "--address", local_cluster.jobs_url, job_id], local_cluster.env, 60).stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["restarts"]) >= 1, logs[-3000:]
+    assert "[laasp] restart 1: Ray Train restarted the worker group" in logs
+    reference = cluster_run[0]
+    pd.testing.assert_frame_equal(pd.read_parquet(reference / "history.parquet"), pd.read_parquet(out / "history.parquet"))
+    assert summary["final"] == json.loads((reference / "summary.json").read_text())["final"]

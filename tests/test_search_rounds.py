@@ -169,16 +169,12 @@ def test_elimination_drops_only_clearly_worse_candidates():
 
 
 @pytest.fixture(scope="module")
-def ray_executor(subsets):
-    import ray
-
+def ray_executor(ray_session, subsets):
     from laasp_dist.search.ray_executor import RayExecutor
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     executor = RayExecutor(subsets[32], 2, options=ScoreOptions(32, 32))
     yield executor
     executor.close()
-    ray.shutdown()
 
 
 @pytest.mark.timeout(240)

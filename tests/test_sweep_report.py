@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -39,20 +40,30 @@ def config_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sweep(config_file, tmp_path_factory):
-    """A 2-trial sweep killed after each trial's first round, then resumed: (crashed proc, resumed proc, dir)."""
-    from laasp_dist.training.worker import CRASH_ENV
+    """A 2-trial sweep whose driver (with its Ray and every trial process) is killed in the first trial's
+    pruning, then resumed: (the killed driver's exit code, resumed proc, dir)."""
+    from processes import checkpoints_reported, kill, pids_with_env, wait_for
 
     out = tmp_path_factory.mktemp("sweep") / "s"
     args = ("sweep", config_file, "--param", "step_flops=0.05,0.1", "--out", out)
-    crashed = cli(*args, env={**ENV, CRASH_ENV: "1"})
+    marker = uuid.uuid4().hex
+    driver = subprocess.Popen([sys.executable, "-m", "laasp_dist.cli", *map(str, args)],
+                              env={**ENV, "LAASP_TEST_DRIVER": marker}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    first = out / "trials" / "step_flops=0.05"
+    try:
+        wait_for(lambda: checkpoints_reported(first) >= 3 or driver.poll() is not None, 600, "a trial's round")
+    finally:
+        kill(pids_with_env("LAASP_TEST_DRIVER", marker))
+    driver.wait(timeout=60)
     resumed = cli(*args, "--resume")
-    return crashed, resumed, out
+    return driver.returncode, resumed, out
 
 
 @pytest.mark.timeout(900)
 def test_sweep_resumes_after_a_crash_and_tabulates(sweep):
-    crashed, resumed, out = sweep
-    assert crashed.returncode == 1, crashed.stderr[-2000:]
+    killed, resumed, out = sweep
+    assert killed == -9
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     table = pd.read_parquet(out / "results.parquet")
     assert list(table["trial"]) == ["step_flops=0.05", "step_flops=0.1"]
@@ -60,9 +71,8 @@ def test_sweep_resumes_after_a_crash_and_tabulates(sweep):
     assert (table["flops_reduction"] >= 0.1).all() and table["test_top1"].between(0, 1).all()
     assert "step_flops=0.1" in resumed.stdout and "flops_reduction" in resumed.stdout
     assert (out / "accuracy_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
-    for trial in table["trial"]:
-        summary = json.loads((out / "trials" / trial / "summary.json").read_text())
-        assert summary["resumed"] >= 1  # continued from its checkpoint, not started over
+    resumed_counts = [json.loads((out / "trials" / t / "summary.json").read_text())["resumed"] for t in table["trial"]]
+    assert resumed_counts == [1, 0]  # the first continued from its checkpoint; the second had not started
 
 
 @pytest.mark.timeout(900)

@@ -30,15 +30,9 @@ def _config(root: Path) -> dict:
 
 
 @pytest.mark.timeout(300)
-def test_job_on_a_jpeg_folder_through_dali(jpeg_folder: Path, tmp_path: Path) -> None:
+def test_job_on_a_jpeg_folder_through_dali(ray_session, jpeg_folder: Path, tmp_path: Path) -> None:
     pytest.importorskip("nvidia.dali")
-    import ray
-
-    ray.init(num_cpus=3, include_dashboard=False)
-    try:
-        summary = run_job(build_config(_config(jpeg_folder)), tmp_path / "run")
-    finally:
-        ray.shutdown()
+    summary = run_job(build_config(_config(jpeg_folder)), tmp_path / "run")
     assert summary["flops_reduction"] >= 0.08 and summary["rounds"] >= 1
     assert summary["final_metrics"]["test_images"] == 50  # the folder's val/ (test) is reported in full
     assert summary["final_metrics"]["val_images"] == 20

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from laasp_dist.config import build_config
-from laasp_dist.errors import ConfigError, LaaspError
+from laasp_dist.errors import ConfigError
 from laasp_dist.pruning import Arch, PrunableNetwork
+from laasp_dist.storage import Storage
 from laasp_dist.training import CheckpointError, RunDirError
-from laasp_dist.training.checkpoint import load_checkpoint, save_checkpoint
+from laasp_dist.training.checkpoint import CHECKPOINT_DIR, STATE_FILE, checkpoint_name, latest_state, write_state
 from laasp_dist.training.job import check_run_dir
 from laasp_dist.training.momentum import load_momentum, momentum_by_name, removed_indices, slice_momentum
 from laasp_dist.training.schedule import ScheduleState, epoch_done, learning_rate, next_action, schedule_warnings
@@ -87,27 +88,40 @@ def test_momentum_is_sliced_like_the_weights(group_index: int) -> None:
     assert load_momentum(opt2, net.model, sliced) == len(new)
 
 
-def test_checkpoint_round_trip_and_errors(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="does not exist"):
-        load_checkpoint(tmp_path)
-    save_checkpoint(tmp_path, {"model": {"w": torch.ones(2)}, "history": [{"round": 1, "loss": 0.5}],
-                               "rng": torch.get_rng_state()})
-    data = load_checkpoint(tmp_path)
-    assert data["history"][0]["loss"] == 0.5 and torch.equal(data["model"]["w"], torch.ones(2))
-    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"garbage")
+def _checkpoint(run: Path, index: int, payload: dict) -> Path:
+    """A checkpoint directory as Ray Train leaves it in the run folder."""
+    folder = run / CHECKPOINT_DIR / checkpoint_name(index)
+    folder.mkdir(parents=True)
+    return write_state(folder, payload)
+
+
+def test_checkpoint_round_trip_skips_a_cut_off_one_and_names_damage(tmp_path: Path) -> None:
+    run = Storage(tmp_path)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        latest_state(run)
+    _checkpoint(tmp_path, 1, {"model": {"w": torch.ones(2)}, "history": [{"round": 1, "loss": 0.5}],
+                              "rng": torch.get_rng_state()})
+    _checkpoint(tmp_path, 2, {"model": {"w": torch.zeros(2)}, "history": []})
+    assert torch.equal(latest_state(run)["model"]["w"], torch.zeros(2))  # the newest
+    (tmp_path / CHECKPOINT_DIR / checkpoint_name(3)).mkdir()  # an upload that was cut off: no state.pt
+    data = latest_state(run)
+    assert data["history"] == [] and torch.equal(data["model"]["w"], torch.zeros(2))
+    (tmp_path / CHECKPOINT_DIR / checkpoint_name(2) / STATE_FILE).write_bytes(b"garbage")
+    assert latest_state(run)["history"][0]["loss"] == 0.5  # a damaged newest one: the one before it
+    (tmp_path / CHECKPOINT_DIR / checkpoint_name(1) / STATE_FILE).write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
-        load_checkpoint(tmp_path)
+        latest_state(run)
 
 
 def test_run_folder_rules(tmp_path: Path) -> None:
     cfg = build_config({})
-    check_run_dir(tmp_path / "new", cfg, resume=False)  # missing: fine
+    check_run_dir(Storage(tmp_path / "new"), cfg, resume=False)  # missing: fine
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "summary.json").write_text("{}")
     with pytest.raises(RunDirError, match="not empty"):
-        check_run_dir(tmp_path / "old", cfg, resume=False)
+        check_run_dir(Storage(tmp_path / "old"), cfg, resume=False)
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        check_run_dir(tmp_path / "old", cfg, resume=True)
+        check_run_dir(Storage(tmp_path / "old"), cfg, resume=True)
 
 
 def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
@@ -115,15 +129,14 @@ def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
 
     cfg = build_config({"prune": {"step_flops": 0.02}})
     save_config(cfg, tmp_path / "config.yaml")
-    save_checkpoint(tmp_path, {"model": {}})
-    check_run_dir(tmp_path, build_config({"prune": {"step_flops": 0.02}, "ray": {"num_workers": 4}}), resume=True)
+    _checkpoint(tmp_path, 1, {"model": {}, "config": cfg.model_dump(mode="json")})
+    run = Storage(tmp_path)
+    check_run_dir(run, build_config({"prune": {"step_flops": 0.02}, "ray": {"num_workers": 4}}), resume=True)
     with pytest.raises(ConfigError, match="prune.step_flops was 0.02"):
-        check_run_dir(tmp_path, build_config({}), resume=True)
-
-
-def test_errors_are_laasp_errors() -> None:
-    for cls in (CheckpointError, RunDirError):
-        assert issubclass(cls, LaaspError)
+        check_run_dir(run, build_config({}), resume=True)
+    (tmp_path / "config.yaml").unlink()  # the checkpoint alone carries the config too
+    with pytest.raises(ConfigError, match="prune.step_flops was 0.02 in .*checkpoints"):
+        check_run_dir(run, build_config({}), resume=True)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -150,7 +163,7 @@ def test_worker_errors_come_back_as_one_laasp_line() -> None:
     from ray.train.v2.api.exceptions import WorkerGroupError
 
     from laasp_dist.errors import DataError
-    from laasp_dist.training.job import _first_laasp_error
+    from laasp_dist.training.job import user_error
 
     inner = DataError("3 images are too few")
     try:
@@ -160,5 +173,6 @@ def test_worker_errors_come_back_as_one_laasp_line() -> None:
             raise RuntimeError("wrapped") from exc
     except RuntimeError as wrapped:
         err = WorkerGroupError("Training failed", {1: wrapped})
-    assert _first_laasp_error(err) is inner
-    assert _first_laasp_error(WorkerGroupError("x", {0: RuntimeError("y")})) is None
+    found = user_error(err)
+    assert type(found) is DataError and str(found) == str(inner)
+    assert user_error(WorkerGroupError("x", {0: RuntimeError("y")})) is None

@@ -4,9 +4,9 @@ Entry points: `run_job(config, out_dir, resume)` (driver) and `train_worker(loop
 (every Ray Train worker); `measure_slim_model(dir, config)` re-measures a final model.
 """
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, latest_state
 from .job import RunDirError, TrainingError, run_job
 from .worker import measure_slim_model, train_worker
 
-__all__ = ["CheckpointError", "RunDirError", "TrainingError", "load_checkpoint", "measure_slim_model", "run_job",
+__all__ = ["CheckpointError", "RunDirError", "TrainingError", "latest_state", "measure_slim_model", "run_job",
            "train_worker"]

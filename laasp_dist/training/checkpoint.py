@@ -1,16 +1,25 @@
-"""Run checkpoints: one plain-container dict per file, written atomically, read with weights_only=True.
+"""Run checkpoints, persisted through Ray Train: one plain-container dict per checkpoint, read with weights_only=True.
 
-``checkpoints/last.pt`` holds everything a resume needs: the slim-model spec, the
-model's state dict, the momentum buffers by parameter name, the schedule state
-(phase, epoch, round and recovery counters, wall time per phase), the seed, the
-search history so far, the per-epoch log, the metrics before pruning, the best
-post-pruning model (by held-out val top-1) and the rank-identity checks. Only
-dicts, lists, strings, numbers, booleans, None and tensors go in, so
-``torch.load(..., weights_only=True)`` reads it and no code is unpickled.
+Every epoch and every round the coordinator writes ``state.pt`` into a fresh local
+directory and reports it with ``ray.train.report(checkpoint=Checkpoint.from_directory(…))``;
+Ray Train copies it to ``<run>/checkpoints/checkpoint_NNNNNN/`` on the run's storage (a
+local folder, a shared mount or an object store) and keeps the newest `KEEP` of them. A
+worker group that Ray restarts after a failure, and a driver started again with
+``--resume`` (same run folder, so Ray Train finds its own snapshot there), get the
+newest one from ``ray.train.get_checkpoint()``.
+
+``state.pt`` holds everything a resume needs: the slim-model spec, the model's state
+dict, the momentum buffers by parameter name, the schedule state (phase, epoch, round and
+recovery counters, wall time per phase), the search history so far, the per-epoch log,
+the metrics before pruning, the best post-pruning model (by held-out val top-1), the
+rank-identity checks, the restarts so far and the torch RNG state. Only dicts, lists,
+strings, numbers, booleans, None and tensors go in, so ``torch.load(…, weights_only=True)``
+reads it and no code is unpickled.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +27,18 @@ import numpy as np
 import torch
 
 from ..errors import LaaspError
-from ..io import torch_save
+from ..storage import Storage
 
 FORMAT = "laasp-dist/checkpoint"
-VERSION = 1
-CHECKPOINT_DIR = "checkpoints"
-LAST = "last.pt"
+VERSION = 2
+CHECKPOINT_DIR = "checkpoints"  # Ray Train's run folder (its `RunConfig.name`) inside the run folder
+STATE_FILE = "state.pt"
+PREFIX = "checkpoint_"
+KEEP = 2  # checkpoints kept on storage (the newest; each holds the best model too)
 
 
 class CheckpointError(LaaspError):
     """A checkpoint is missing, unreadable or from another format."""
-
-
-def checkpoint_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR / LAST
 
 
 def plain(obj: Any) -> Any:
@@ -49,24 +56,68 @@ def plain(obj: Any) -> Any:
     return obj
 
 
-def save_checkpoint(run_dir: str | Path, payload: dict[str, Any]) -> Path:
-    """Atomically write `payload` (plus format/version) as checkpoints/last.pt."""
-    path = checkpoint_path(run_dir)
-    torch_save(path, {"format": FORMAT, "version": VERSION, **payload})
+def checkpoint_name(index: int) -> str:
+    """Directory name of the `index`-th checkpoint of a run (sorts in report order)."""
+    return f"{PREFIX}{index:06d}"
+
+
+def write_state(directory: str | Path, payload: dict[str, Any]) -> Path:
+    """Write `payload` (plus format/version) as `directory/state.pt`."""
+    path = Path(directory) / STATE_FILE
+    torch.save({"format": FORMAT, "version": VERSION, **payload}, path)
     return path
 
 
-def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
-    """Read checkpoints/last.pt of a run folder; CheckpointError when there is none or it is damaged."""
-    path = checkpoint_path(run_dir)
-    if not path.is_file():
-        raise CheckpointError(f"cannot resume: {path} does not exist (no checkpoint in {run_dir})")
+def parse_state(data: bytes, where: str) -> dict[str, Any]:
+    """A state.pt's bytes → the payload dict; CheckpointError when damaged or of another format/version."""
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or foreign files raise many types
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a {FORMAT} file")
-    if data.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {data.get('version')}, this build reads {VERSION}")
-    return data
+        raise CheckpointError(f"{where} is not a readable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{where} is not a {FORMAT} file")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{where} has checkpoint version {state.get('version')}, this build reads {VERSION}")
+    return state
+
+
+def read_reported(checkpoint: Any) -> dict[str, Any]:
+    """The state of a `ray.train.Checkpoint` (downloaded first when it lives on an object store)."""
+    with checkpoint.as_directory() as directory:
+        path = Path(directory) / STATE_FILE
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {checkpoint.path} has no {STATE_FILE}")
+        return parse_state(path.read_bytes(), f"{checkpoint.path}/{STATE_FILE}")
+
+
+def checkpoint_index(name: str) -> int | None:
+    """N of a ``checkpoint_NNNNNN`` directory name; None for anything else (Ray keeps its own files beside them)."""
+    digits = name[len(PREFIX):]
+    return int(digits) if name.startswith(PREFIX) and digits.isdigit() else None
+
+
+def checkpoint_names(storage: Storage) -> list[str]:
+    """The run's checkpoint directories, oldest first."""
+    return sorted((n for n in storage.listdir(CHECKPOINT_DIR) if checkpoint_index(n) is not None),
+                  key=checkpoint_index)
+
+
+def latest_state(storage: Storage) -> dict[str, Any]:
+    """The newest readable checkpoint of a run folder (for the driver's checks before a resume).
+
+    A checkpoint whose upload was cut off is skipped, as Ray Train skips it; CheckpointError
+    when there is none.
+    """
+    names = checkpoint_names(storage)
+    if not names:
+        raise CheckpointError(f"cannot resume: no checkpoint in {storage.uri_of(CHECKPOINT_DIR)}")
+    problem = None
+    for name in reversed(names):
+        rel = f"{CHECKPOINT_DIR}/{name}/{STATE_FILE}"
+        try:
+            return parse_state(storage.read_bytes(rel), storage.uri_of(rel))
+        except FileNotFoundError:
+            continue
+        except CheckpointError as exc:
+            problem = problem or exc
+    raise problem or CheckpointError(f"cannot resume: no complete checkpoint in {storage.uri_of(CHECKPOINT_DIR)}")

@@ -1,34 +1,39 @@
-"""`run_job(config, out_dir, resume)`: one LAASP run, from a validated config to summary.json.
+"""`run_job(config, out, resume)`: one LAASP run, from a validated config to summary.json.
 
-1. check the run folder (a new run needs an empty or missing folder; ``--resume`` needs
-   a checkpoint and the same config, ``ray.*`` aside) and the data, before Ray starts;
+1. open the run folder — a local path, a shared mount or a URI (``s3://…``, ``gs://…``),
+   see `laasp_dist.storage` — and check it before Ray starts: a new run needs an empty
+   or missing folder, ``--resume`` a checkpoint there and the same config (``ray.*`` aside);
+   check the data;
 2. save the resolved ``config.yaml`` beside the run;
 3. draw the scoring subset once and store it as Parquet shards (``subset/``);
 4. start an embedded Ray (no ``ray.address``) or connect to the cluster;
-5. run ``TorchTrainer(train_loop_per_worker=train_worker)`` — DDP on gloo (CPU) or
-   NCCL (GPU); rank 0 coordinates the rounds (see ``worker.py``);
+5. run ``TorchTrainer(train_loop_per_worker=train_worker)`` — DDP on gloo (CPU) or NCCL
+   (GPU); rank 0 coordinates the rounds (see ``worker.py``). Its checkpoints go through
+   ``ray.train.report`` to ``<run>/checkpoints`` (Ray Train's own storage, pointed at the run
+   folder); ``ray.max_failures`` lets Ray restart a worker group that lost a worker or a node
+   from the last checkpoint, and the same folder with ``--resume`` lets Ray Train find that
+   checkpoint again after the driver itself died;
 6. read back ``summary.json`` and add the driver's wall time.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig, load_config, save_config
 from ..errors import ConfigError, DataError, LaaspError
-from ..io import write_json
 from ..runtime import ensure_ray
 from ..pruning import PrunableNetwork
 from ..search import check_search_inputs, read_subset
-from .checkpoint import CHECKPOINT_DIR, CheckpointError, checkpoint_path, load_checkpoint
+from ..storage import Storage, as_storage
+from .checkpoint import CHECKPOINT_DIR, KEEP, latest_state
 from .data import load_splits, subset_source
 from .schedule import schedule_warnings
-from .worker import CRASH_ENV, SUMMARY, arch_of, train_worker
+from .worker import SUMMARY, arch_of, train_worker
 
 CONFIG_FILE = "config.yaml"
 SUBSET_DIR = "subset"
@@ -47,24 +52,27 @@ def default_run_dir(config: RunConfig) -> Path:
     return Path("runs") / config.name
 
 
-def check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
-    """New runs never overwrite a previous one; a resume needs a checkpoint and the same config."""
+def check_run_dir(storage: Storage, config: RunConfig, resume: bool) -> None:
+    """New runs never overwrite a previous one; a resume needs a checkpoint of the same config."""
     if not resume:
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-            raise RunDirError(f"{run_dir} is not empty: pass --resume to continue the run there, "
+        if not storage.is_empty():
+            raise RunDirError(f"{storage} is not empty: pass --resume to continue the run there, "
                               f"or choose another --out")
         return
-    if not checkpoint_path(run_dir).is_file():
-        raise CheckpointError(f"cannot resume: no checkpoint in {run_dir / CHECKPOINT_DIR}")
-    load_checkpoint(run_dir)  # readable?
-    saved_file = run_dir / CONFIG_FILE
-    if saved_file.is_file():
-        saved = load_config(saved_file).model_dump(mode="json")
-        given = config.model_dump(mode="json")
-        for key in _differences(saved, given):
-            if key.split(".")[0] not in RESUMABLE_SECTIONS:
-                raise ConfigError(f"--resume with a different config: {key} was {_get(saved, key)!r} in "
-                                  f"{saved_file}, now {_get(given, key)!r}")
+    state = latest_state(storage)
+    given = config.model_dump(mode="json")
+    saved = {}
+    if storage.is_file(CONFIG_FILE):
+        saved = load_config(storage.child(CONFIG_FILE)).model_dump(mode="json")
+        _same_config(saved, given, storage.uri_of(CONFIG_FILE))
+    _same_config(state.get("config") or saved, given, storage.uri_of(CHECKPOINT_DIR))
+
+
+def _same_config(saved: dict[str, Any], given: dict[str, Any], where: str) -> None:
+    for key in _differences(saved, given):
+        if key.split(".")[0] not in RESUMABLE_SECTIONS:
+            raise ConfigError(f"--resume with a different config: {key} was {_get(saved, key)!r} in "
+                              f"{where}, now {_get(given, key)!r}")
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -102,19 +110,20 @@ def check_sizes(config: RunConfig, splits: Any) -> None:
                           f"{splits.num_classes} classes")
 
 
-def build_subset_dir(config: RunConfig, splits: Any, directory: Path) -> Path:
+def build_subset_dir(config: RunConfig, splits: Any, folder: Storage) -> Storage:
     """Draw the scoring subset once per run and store it as Parquet shards (kept on resume)."""
     from ..search.subset import MANIFEST, build_subset, write_subset
 
-    if (directory / MANIFEST).is_file():
-        return directory
+    if folder.is_file(MANIFEST):
+        return folder
     source, exclude = subset_source(splits, config)
     p = config.prune
     subset = build_subset(source, p.subset_size, p.subset_shards, config.seed + 1, exclude=exclude)
-    return write_subset(subset, directory)
+    return write_subset(subset, folder)
 
 
-def _first_laasp_error(exc: BaseException) -> LaaspError | None:
+def user_error(exc: BaseException) -> LaaspError | None:
+    """The first LaaspError in a (Ray-wrapped) exception chain, as our own class; None if there is none."""
     seen, todo = set(), [exc]
     while todo:
         e = todo.pop(0)
@@ -122,7 +131,9 @@ def _first_laasp_error(exc: BaseException) -> LaaspError | None:
             continue
         seen.add(id(e))
         if isinstance(e, LaaspError):
-            return e
+            # Ray may hand back a class derived from ours and its own: rebuild ours, message in one line
+            cls = next(c for c in type(e).__mro__ if issubclass(c, LaaspError) and c.__module__.startswith("laasp_dist"))
+            return cls((str(e).strip().splitlines() or [""])[0])
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
         todo += list((getattr(e, "worker_failures", None) or {}).values())
         controller = getattr(e, "controller_failure", None)
@@ -135,25 +146,46 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
 
 
-def run_job(config: RunConfig, out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) one LAASP job; returns the summary also written to `out_dir/summary.json`."""
+def _stop_on_user_error() -> Any:
+    """A Ray Train callback that ends the run at a worker's LaaspError instead of retrying it.
+
+    Ray Train restarts the worker group after any worker error (up to ``ray.max_failures``);
+    bad data, a broken checkpoint or ranks out of sync would only fail again. Raising from the
+    controller's callback makes the failure final (a non-retryable controller error).
+    """
+    from ray.train.v2.api.callback import UserCallback
+
+    class StopOnUserError(UserCallback):
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            for exc in worker_exceptions.values():
+                if (error := user_error(exc)) is not None:
+                    raise error
+
+    return StopOnUserError()
+
+
+def run_job(config: RunConfig, out: str | Path | Storage | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) one LAASP job; returns the summary also written to `out/summary.json`.
+
+    `out`: the run folder, a local path or a URI (default ``runs/<name>``).
+    """
     start = time.perf_counter()
-    run_dir = Path(out_dir or default_run_dir(config)).resolve()
-    check_run_dir(run_dir, config, resume)
+    storage = as_storage(out or default_run_dir(config))
+    check_run_dir(storage, config, resume)
     for message in schedule_warnings(config):
         print(f"laasp-dist: warning: {message}", file=sys.stderr)
     splits = load_splits(config)
     check_sizes(config, splits)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / CONFIG_FILE)
-    subset_dir = build_subset_dir(config, splits, run_dir / SUBSET_DIR)
-    check_search_inputs(PrunableNetwork.create(arch_of(config, splits)), read_subset(subset_dir), config.prune)
+    storage.check_writable()
+    save_config(config, storage.child(CONFIG_FILE))
+    subset = build_subset_dir(config, splits, storage.child(SUBSET_DIR))
+    check_search_inputs(PrunableNetwork.create(arch_of(config, splits)), read_subset(subset), config.prune)
     del splits
     setup_s = time.perf_counter() - start
 
     import ray
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
-    from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     r = config.ray
@@ -163,37 +195,38 @@ def run_job(config: RunConfig, out_dir: str | Path | None = None, resume: bool =
         resources = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}
         trainer = TorchTrainer(
             train_loop_per_worker=train_worker,
-            train_loop_config={"config": config.model_dump(mode="json"), "run_dir": str(run_dir),
-                               "subset_dir": str(subset_dir),
-                               "crash_after_round": int(os.environ.get(CRASH_ENV, "0") or 0)},
+            # `invocation` tells a worker group that Ray restarted (same driver) from a --resume (new driver)
+            train_loop_config={"config": config.model_dump(mode="json"), "storage": storage.uri,
+                               "invocation": uuid.uuid4().hex, "resume": resume},
             scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
-                                         resources_per_worker=resources),
+                                         resources_per_worker=resources, placement_strategy=r.placement_strategy),
             torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo", timeout_s=r.collective_timeout_s),
-            run_config=RayRunConfig(name=f"attempt-{time.strftime('%Y%m%d-%H%M%S')}",
-                                    storage_path=str(run_dir / "ray")),
+            run_config=RayRunConfig(name=CHECKPOINT_DIR, **storage.ray_storage(),
+                                    failure_config=FailureConfig(max_failures=r.max_failures),
+                                    checkpoint_config=CheckpointConfig(num_to_keep=KEEP),
+                                    callbacks=[_stop_on_user_error()]),
         )
         try:
             trainer.fit()
         except Exception as exc:  # Ray wraps worker errors; surface ours as one line
-            inner = _first_laasp_error(exc)
-            if inner is not None:  # Ray may hand back a derived class: rebuild ours
-                cls = next(c for c in type(inner).__mro__ if issubclass(c, LaaspError)
-                           and c.__module__.startswith("laasp_dist"))
-                raise cls((str(inner).strip().splitlines() or [""])[0]) from None
+            error = user_error(exc)
+            if error is not None:
+                raise error from None
             raise TrainingError(f"training failed: {_one_line(exc)}") from None
     finally:
         if started:
             ray.shutdown()
-    summary_path = run_dir / SUMMARY
     try:
-        summary = json.loads(summary_path.read_text())
+        summary = storage.read_json(SUMMARY)
     except FileNotFoundError:
-        raise TrainingError(f"training ended without writing {summary_path}") from None
+        raise TrainingError(f"training ended without writing {storage.uri_of(SUMMARY)}") from None
     summary["phase_seconds"]["setup"] = round(setup_s, 3)
     summary["wall_seconds"] = round(time.perf_counter() - start, 3)
-    write_json(summary_path, summary)
+    storage.write_json(SUMMARY, summary)
+    restarts = len(summary.get("restarts", []))
     print(f"[laasp] {config.name}: FLOPs -{summary['flops_reduction']:.2%}, "
           f"test top1 {summary['final_metrics']['test_top1']:.4f} "
           f"(before pruning {summary['before_pruning']['test_top1'] if summary['before_pruning'] else float('nan'):.4f}),"
-          f" {summary['wall_seconds']:.0f} s -> {run_dir}", file=sys.stderr)
+          f" {summary['wall_seconds']:.0f} s{f', {restarts} restart(s)' if restarts else ''} -> {storage}",
+          file=sys.stderr)
     return summary

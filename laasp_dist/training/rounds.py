@@ -25,6 +25,7 @@ from ..config import RunConfig
 from ..pruning import Candidate, PrunableNetwork
 from ..search import LocalExecutor, RoundResult, ScoreOptions, SearchSubset, Task, read_subset, search_round
 from ..search.subset import Shard
+from ..storage import Storage
 from . import sync
 
 
@@ -67,7 +68,7 @@ class RankExecutor:
 class Searcher:
     """Holds the subset and the executor across the rounds of a run."""
 
-    def __init__(self, config: RunConfig, subset_dir: Path, device: torch.device, rank: int, world: int) -> None:
+    def __init__(self, config: RunConfig, subset_dir: Path | Storage, device: torch.device, rank: int, world: int) -> None:
         self.config, self.kind = config, executor_kind(config)
         self.subset = read_subset(subset_dir)
         p = config.prune

@@ -7,14 +7,17 @@ momentum to the kept channels, and broadcasts the slimmed model (spec + weights
 + momentum). Every rank — the coordinator included — rebuilds its network from
 that payload, wraps it in a fresh DDP and optimizer, and the ranks then compare
 an all-gathered SHA-256 of their weights and momentum (a mismatch stops the run).
-The coordinator alone writes checkpoints, TensorBoard, history.parquet,
-final/ and summary.json.
+The coordinator alone writes TensorBoard, history.parquet, final/ and summary.json
+(through `laasp_dist.storage`, so the run folder may be a URI) and the checkpoints,
+which every rank reports to Ray Train after every epoch and every round
+(`ray.train.report`; only the coordinator's report carries the checkpoint). A worker
+group that Ray restarts after a failure starts again from `ray.train.get_checkpoint()`.
 """
 
 from __future__ import annotations
 
-import os
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,22 +28,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import RunConfig
-from ..io import atomic_write, write_json
 from ..pruning import Arch, PrunableNetwork, load_slim_model, network_from_spec, network_spec, save_slim_model
+from ..storage import Storage
 from . import sync
-from .checkpoint import checkpoint_path, load_checkpoint, plain, save_checkpoint
+from .checkpoint import CheckpointError, checkpoint_name, plain, read_reported, write_state
 from .data import RankData, load_splits
 from .evaluate import accuracy_sums, evaluate, summarise
 from .momentum import load_momentum, momentum_by_name, removed_indices, slice_momentum
 from ..pruning.steps import macs_removed
 from .schedule import ScheduleState, epoch_done, learning_rate, next_action
 
-# Test hook: with this variable set in the driver's environment, the coordinator exits abruptly
-# (os._exit) right after checkpointing round N, as a killed job would.
-CRASH_ENV = "LAASP_DIST_CRASH_AFTER_ROUND"
 FINAL_DIR = "final"
 SUMMARY = "summary.json"
 HISTORY = "history.parquet"
+SUBSET_DIR = "subset"
 
 
 def arch_of(config: RunConfig, splits: Any) -> Arch:
@@ -50,7 +51,11 @@ def arch_of(config: RunConfig, splits: Any) -> Arch:
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
-    """Entry point given to `TorchTrainer`: {"config": RunConfig as a dict, "run_dir": str, "subset_dir": str}."""
+    """Entry point given to `TorchTrainer`.
+
+    `loop_config`: {"config": RunConfig as a dict, "storage": the run folder's URI or path,
+    "invocation": an id of the driver process, "resume": whether the driver expects a checkpoint}.
+    """
     config = RunConfig.model_validate(loop_config["config"])
     import ray.train
 
@@ -63,18 +68,19 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     else:
         device = torch.device("cpu")
     torch.set_num_threads(config.ray.cpus_per_worker)
-    worker = Worker(config, Path(loop_config["run_dir"]), Path(loop_config["subset_dir"]), rank, world, device)
-    worker.crash_after = int(loop_config.get("crash_after_round") or 0)
+    worker = Worker(config, Storage(loop_config["storage"]), rank, world, device, loop_config["invocation"],
+                    loop_config["resume"])
     worker.run()
 
 
 class Worker:
     """One rank of a run. State that only the coordinator keeps is None elsewhere."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, subset_dir: Path, rank: int, world: int,
-                 device: torch.device) -> None:
-        self.config, self.run_dir, self.subset_dir = config, run_dir, subset_dir
+    def __init__(self, config: RunConfig, storage: Storage, rank: int, world: int, device: torch.device,
+                 invocation: str, expect_checkpoint: bool) -> None:
+        self.config, self.storage = config, storage
         self.rank, self.world, self.device = rank, world, device
+        self.invocation, self.expect_checkpoint = invocation, expect_checkpoint
         self.coordinator = rank == 0
         self.splits = load_splits(config)
         self.data = RankData(self.splits, config, rank, world, device)
@@ -89,25 +95,44 @@ class Worker:
         self.before: dict[str, Any] | None = None
         self.best: dict[str, Any] | None = None
         self.resumed = 0
+        self.restarts: list[dict[str, Any]] = []
+        self.reports = 0  # checkpoints reported so far (names them)
+        self.started_as = "start"
         self.monitor = None
         self.searcher = None
-        self.crash_after = 0
 
     # ------------------------------------------------------------------ setup and model installation
 
     def _initial_payload(self) -> dict[str, Any]:
-        """Coordinator: the starting network (fresh, or from the last checkpoint) and the run's records."""
-        if checkpoint_path(self.run_dir).is_file():
-            ck = load_checkpoint(self.run_dir)
+        """Coordinator: the starting network (fresh, or from Ray Train's last checkpoint) and the run's records."""
+        import ray.train
+
+        reported = ray.train.get_checkpoint()
+        if reported is not None:
+            ck = read_reported(reported)
             self.history, self.epochs, self.rounds = ck["history"], ck["epochs"], ck["rounds"]
             self.sync_checks, self.before, self.best = ck["sync_checks"], ck["before"], ck["best"]
-            self.resumed = ck["resumed"] + 1
+            self.resumed, self.restarts, self.reports = ck["resumed"], ck["restarts"], ck["reports"]
             torch.set_rng_state(ck["rng"])
-            return {"spec": ck["spec"], "model": ck["model"], "momentum": ck["momentum"], "schedule": ck["schedule"]}
+            at = f"epoch {ck['schedule']['epoch']}, {ck['schedule']['rounds']} rounds done"
+            if ck["invocation"] == self.invocation:  # the same driver: Ray restarted the worker group
+                self.restarts.append({"restart": len(self.restarts) + 1, "epoch": ck["schedule"]["epoch"],
+                                      "rounds": ck["schedule"]["rounds"], "phase": ck["schedule"]["phase"]})
+                self.started_as = f"restart {len(self.restarts)}"
+                _say(f"[laasp] restart {len(self.restarts)}: Ray Train restarted the worker group after a failure; "
+                     f"continuing from the checkpoint at {at}")
+            else:
+                self.resumed += 1
+                self.started_as = "resume"
+                _say(f"[laasp] resuming from the checkpoint at {at}")
+            return {"spec": ck["spec"], "model": ck["model"], "momentum": ck["momentum"], "schedule": ck["schedule"],
+                    "started_as": self.started_as}
+        if self.expect_checkpoint:
+            raise CheckpointError(f"--resume: Ray Train found no checkpoint of this run under {self.storage}")
         torch.manual_seed(self.config.seed)
         net = PrunableNetwork.create(self.arch)
         return {"spec": network_spec(net), "model": _cpu_state(net.model), "momentum": {},
-                "schedule": ScheduleState().as_dict()}
+                "schedule": ScheduleState().as_dict(), "started_as": self.started_as}
 
     def install(self, payload: dict[str, Any], what: str) -> None:
         """Every rank: rebuild the network from a broadcast payload, a fresh DDP and optimizer; check identity."""
@@ -136,12 +161,11 @@ class Worker:
         if self.coordinator:
             from ..monitoring import RunMonitor
 
-            self.monitor = RunMonitor(self.run_dir / "tensorboard", self.config.prune.criteria)
+            self.monitor = RunMonitor(self.storage, self.config.prune.criteria)
         payload = sync.broadcast(self._initial_payload() if self.coordinator else None, device=self.device)
         self.state = ScheduleState.from_dict(payload["schedule"])
-        self.install(payload, "resume" if self.coordinator and self.resumed else "start")
+        self.install(payload, payload["started_as"])
         del payload
-        crash_after = self.crash_after
         try:
             while True:
                 action = next_action(self.state, self.config, self.net.macs_reduction)
@@ -156,10 +180,6 @@ class Worker:
                     with self._timed("search"):
                         self.prune_round()
                 self.checkpoint()
-                if action == "round" and self.coordinator and crash_after and self.state.rounds == crash_after:
-                    if self.monitor:
-                        self.monitor.flush()
-                    os._exit(17)  # simulate a killed job, right after the round's checkpoint
             self.finish()
         finally:
             if self.searcher is not None:
@@ -254,7 +274,7 @@ class Worker:
         index = self.state.rounds + 1
         all_ranks = executor_kind(self.config) == "ranks"
         if self.searcher is None and (self.coordinator or all_ranks):  # built at the first round
-            self.searcher = Searcher(self.config, self.subset_dir, self.device, self.rank, self.world)
+            self.searcher = Searcher(self.config, self.storage.child(SUBSET_DIR), self.device, self.rank, self.world)
         result = self.searcher.run(self.net, index) if (self.coordinator or all_ranks) else None
         if self.coordinator:
             winner = result.winner
@@ -287,10 +307,29 @@ class Worker:
     # ------------------------------------------------------------------ persistence
 
     def checkpoint(self) -> None:
+        """Every rank: report this point to Ray Train; the coordinator's report carries the checkpoint.
+
+        Called after every epoch and round (and at the end), so a restart loses at most one of them.
+        """
+        import ray.train
+
+        metrics = {"epoch": self.state.epoch, "rounds": self.state.rounds}
         if not self.coordinator:
+            ray.train.report(metrics)
             return
+        if self.history:
+            _write_history(self.storage, self.history)
+        self.monitor.flush()
+        self.reports += 1
+        with tempfile.TemporaryDirectory(prefix="laasp-checkpoint-") as tmp:
+            write_state(tmp, self._state())
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=checkpoint_name(self.reports))
+
+    def _state(self) -> dict[str, Any]:
+        """Everything a restart or a resume needs, as plain containers (see checkpoint.py)."""
         model = self.net.model
-        save_checkpoint(self.run_dir, {
+        return {
             "config": self.config.model_dump(mode="json"),
             "spec": network_spec(self.net),
             "model": _cpu_state(model),
@@ -298,17 +337,18 @@ class Worker:
             "schedule": self.state.as_dict(),
             "history": self.history, "epochs": self.epochs, "rounds": self.rounds,
             "sync_checks": self.sync_checks, "before": self.before, "best": self.best,
-            "resumed": self.resumed, "rng": torch.get_rng_state(),
-        })
-        if self.history:
-            _write_history(self.run_dir / HISTORY, self.history)
-        self.monitor.flush()
+            "resumed": self.resumed, "restarts": self.restarts, "invocation": self.invocation,
+            "reports": self.reports, "rng": torch.get_rng_state(),
+        }
 
     def finish(self) -> None:
-        """Coordinator: save final/ (best post-pruning val model), re-measure it alone, write summary.json."""
-        if not self.coordinator:
-            sync.barrier()
-            return
+        """Coordinator: save final/ (best post-pruning val model), re-measure it alone, write summary.json;
+        then every rank reports the last checkpoint."""
+        if self.coordinator:
+            self._write_final()
+        self.checkpoint()
+
+    def _write_final(self) -> None:
         start = time.perf_counter()
         if self.best is not None:
             final_net = network_from_spec(self.best["spec"], self.best["model"])
@@ -316,8 +356,8 @@ class Worker:
         else:
             final_net = network_from_spec(network_spec(self.net), _cpu_state(self.net.model))
             selected = self.state.epoch - 1
-        final_dir = save_slim_model(final_net, self.run_dir / FINAL_DIR)
-        final = measure_slim_model(final_dir, self.config, self.device)
+        final = measure_slim_model(save_slim_model(final_net, self.storage.child(FINAL_DIR)), self.config,
+                                   self.device)
         self.state.add_time("final_eval", time.perf_counter() - start)
         _say(f"[laasp] final (epoch {selected}): val top1 {final['val_top1']:.4f}, test top1 {final['test_top1']:.4f}"
               f", FLOPs -{final_net.macs_reduction:.2%}")
@@ -329,7 +369,7 @@ class Worker:
 
         fig = width_figure(final_net.original_widths, final_net.widths(),
                            f"{self.arch.model}: {final_net.macs_reduction:.1%} FLOPs removed")
-        atomic_write(self.run_dir / "widths.png", lambda p: fig.savefig(p, format="png"))
+        self.storage.write_with("widths.png", lambda p: fig.savefig(p, format="png"))
         base_macs, base_params = final_net.base_macs, self.before["params"] if self.before else None
         summary = {
             "name": self.config.name, "model": self.arch.model, "dataset": self.config.data.dataset,
@@ -343,14 +383,13 @@ class Worker:
             "final_metrics": {**final, "selected_epoch": selected, "selected_by": "best held-out val top-1 "
                               "after the target was reached" if self.best is not None else "last epoch"},
             "epochs": self.state.epoch, "rounds": self.state.rounds, "resumed": self.resumed,
+            "restarts": self.restarts,
             "winners": [{k: r[k] for k in ("round", "group", "criterion", "k", "loss", "flops_reduction")}
                         for r in self.rounds],
             "phase_seconds": {k: round(v, 3) for k, v in self.state.phase_seconds.items()},
             "sync_checks": self.sync_checks,
         }
-        write_json(self.run_dir / SUMMARY, plain(summary))
-        self.checkpoint()
-        sync.barrier()
+        self.storage.write_json(SUMMARY, plain(summary))
 
     # ------------------------------------------------------------------ progress
 
@@ -373,16 +412,16 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
-def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+def _write_history(run: Storage, rows: list[dict[str, Any]]) -> None:
     """Every round's candidate table, in the search package's history schema."""
     from types import SimpleNamespace
 
     from ..search import write_history
 
-    write_history([SimpleNamespace(table=rows)], path)
+    write_history([SimpleNamespace(table=rows)], run.child(HISTORY))
 
 
-def measure_slim_model(model_dir: str | Path, config: RunConfig, device: torch.device | str = "cpu"
+def measure_slim_model(model_dir: str | Path | Storage, config: RunConfig, device: torch.device | str = "cpu"
                        ) -> dict[str, Any]:
     """Load a slim model from its folder alone and measure it on the run's val and test splits (one process).
 
