@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Callable
 
 from laasp_dist.storage import Storage
-from laasp_dist.training.checkpoint import checkpoint_index, checkpoint_names
+from laasp_dist.training.checkpoint import CHECKPOINT_DIR, checkpoint_index
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it has registered
 
 
 def _proc(pid: int, name: str) -> bytes:
@@ -63,8 +65,15 @@ def kill(pids: list[int]) -> None:
 
 
 def checkpoints_reported(run: str | Path) -> int:
-    """Index of the newest checkpoint directory of a run folder (0 if none)."""
-    return max((checkpoint_index(n) for n in checkpoint_names(Storage(run))), default=0)
+    """Index of the newest checkpoint Ray Train's controller has registered for a run (0 if none).
+
+    That is the one a restarted worker group gets from ``get_checkpoint()``; a checkpoint folder can be on
+    disk a moment before the controller has taken it in, so the folders alone are not the signal."""
+    storage = Storage(run).child(CHECKPOINT_DIR)
+    if not storage.is_file(SNAPSHOT):
+        return 0
+    latest = storage.read_json(SNAPSHOT).get("latest_checkpoint_result") or {}
+    return checkpoint_index(latest.get("checkpoint_dir_name", "")) or 0
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
