@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -31,6 +31,8 @@ TRIALS_DIR = "trials"
 SWEEP_FILE = "sweep.yaml"
 RESULTS_FILE = "results.parquet"
 SUMMARY_FILE = "summary.parquet"
+PAIRED_FILE = "paired.parquet"
+PAIRED_METRICS = ("test_top1", "val_top1", "flops_reduction")
 PLOT_FILE = "accuracy_vs_flops.png"
 # Per-configuration statistics of these trial columns (top-1 and reductions are fractions; wall time in s).
 SUMMARY_METRICS = ("test_top1", "val_top1", "flops_reduction", "params_reduction", "wall_seconds", "test_top1_before")
@@ -39,6 +41,14 @@ TRIAL_CPU = 0.01  # a trial's driver only waits on its own Train workers and sea
 
 class SweepDirError(LaaspError):
     """The sweep folder holds another sweep, or nothing to resume."""
+
+
+class SweepTables(NamedTuple):
+    """A sweep's tables: a row per trial, a row per configuration, and (with a reference) paired differences."""
+
+    results: Any
+    summary: Any
+    paired: Any | None
 
 
 def _leaf_keys(model: type[RunConfig] = RunConfig, prefix: str = "") -> list[str]:
@@ -165,13 +175,16 @@ def sweep_trial(trial_config: dict[str, Any]) -> None:
 
 
 def run_sweep(config_path: str | Path, overrides: list[str], params: list[str], out_dir: str | Path,
-              resume: bool = False, max_concurrent: int = 1, seeds: list[int] | None = None
-              ) -> tuple["Any", "Any"]:
-    """Run (or resume) a sweep; returns (results: a row per trial, summary: a row per configuration)."""
+              resume: bool = False, max_concurrent: int = 1, seeds: list[int] | None = None,
+              reference: str | None = None) -> SweepTables:
+    """Run (or resume) a sweep; `reference` (a configuration's name) adds its paired differences to the others."""
     from ray import tune
 
     base = load_config(config_path, overrides)
     grid = trial_grid(base.model_dump(mode="json"), parse_params(params), seeds)
+    names = list(dict.fromkeys(t["configuration"] for t in grid))
+    if reference is not None and reference not in names:
+        raise ConfigError(f"--reference {reference!r} is not a configuration of this sweep; they are: {', '.join(names)}")
     sweep_dir = Path(out_dir).resolve()
     tune_dir = sweep_dir / TUNE_DIR
     if resume:
@@ -210,12 +223,13 @@ def run_sweep(config_path: str | Path, overrides: list[str], params: list[str], 
     finally:
         if started:
             ray.shutdown()
-    return write_results(sweep_dir, grid, errors)
+    return write_results(sweep_dir, grid, errors, reference)
 
 
-def write_results(sweep_dir: Path, grid: list[dict[str, Any]], errors: dict[str, BaseException]
-                  ) -> tuple["Any", "Any"]:
-    """Collect every trial's summary into results.parquet, summary.parquet and the accuracy-vs-FLOPs plot."""
+def write_results(sweep_dir: Path, grid: list[dict[str, Any]], errors: dict[str, BaseException],
+                  reference: str | None = None) -> SweepTables:
+    """Collect every trial's summary into results.parquet, summary.parquet (paired.parquet with a reference)
+    and the accuracy-vs-FLOPs plot."""
     import pandas as pd
 
     rows = []
@@ -238,8 +252,12 @@ def write_results(sweep_dir: Path, grid: list[dict[str, Any]], errors: dict[str,
     summary = summarise(table, list(grid[0]["values"]) if grid else [])
     atomic_write(sweep_dir / RESULTS_FILE, lambda p: table.to_parquet(p, index=False))
     atomic_write(sweep_dir / SUMMARY_FILE, lambda p: summary.to_parquet(p, index=False))
+    paired = None
+    if reference is not None:
+        paired = paired_differences(table, reference)
+        atomic_write(sweep_dir / PAIRED_FILE, lambda p: paired.to_parquet(p, index=False))
     _plot(table, summary, sweep_dir / PLOT_FILE)
-    return table, summary
+    return SweepTables(table, summary, paired)
 
 
 def summarise(table: "Any", param_columns: list[str]) -> "Any":
@@ -259,6 +277,43 @@ def summarise(table: "Any", param_columns: list[str]) -> "Any":
             row[f"{metric}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def paired_differences(table: "Any", reference: str, metrics: tuple[str, ...] = PAIRED_METRICS) -> "Any":
+    """Per other configuration and metric, `reference − configuration` seed by seed, over the seeds where both
+    finished: `n`, `mean`, `sd` (sample, ddof = 1; NaN when n < 2), and the raw `seeds` and `differences`."""
+    import math
+    import statistics
+
+    import pandas as pd
+
+    done = table[table["status"] == "done"] if "status" in table else table.iloc[0:0]
+    ref = done[done["configuration"] == reference].set_index("seed")
+    rows = []
+    for configuration in dict.fromkeys(table["configuration"]):
+        if configuration == reference:
+            continue
+        other = done[done["configuration"] == configuration].set_index("seed")
+        seeds = [int(s) for s in ref.index if s in other.index]
+        for metric in metrics:
+            diffs = [float(ref.at[s, metric]) - float(other.at[s, metric]) for s in seeds]
+            rows.append({"configuration": configuration, "metric": metric, "n": len(diffs),
+                         "mean": statistics.fmean(diffs) if diffs else math.nan,
+                         "sd": statistics.stdev(diffs) if len(diffs) > 1 else math.nan,
+                         "seeds": seeds, "differences": diffs})
+    return pd.DataFrame(rows, columns=["configuration", "metric", "n", "mean", "sd", "seeds", "differences"])
+
+
+def format_paired(paired: "Any", reference: str, metric: str = "test_top1") -> str:
+    """Paired differences of one metric as a printable table, in points (%)."""
+    rows = paired[paired["metric"] == metric]
+    lines = [f"{reference} minus each configuration, {metric} in points, paired by seed (mean ± sample sd; raw)"]
+    width = max([len(str(c)) for c in rows["configuration"]] + [13])
+    for _, r in rows.iterrows():
+        sd = "" if r["sd"] != r["sd"] else f" ± {100 * r['sd']:.2f}"
+        raw = ", ".join(f"{100 * d:+.2f}" for d in r["differences"])
+        lines.append(f"{str(r['configuration']).ljust(width)}  n={r['n']}  {100 * r['mean']:+.2f}{sd}  [{raw}]")
+    return "\n".join(lines)
 
 
 def format_summary(summary: "Any") -> str:

@@ -116,6 +116,9 @@ def test_report_and_evaluate_on_a_finished_run(sweep):
 @pytest.mark.parametrize("args, message", [
     (("sweep", "CFG", "--param", "stepflops=0.1,0.2", "--out", "OUT"), "unknown sweep key 'stepflops'"),
     (("sweep", "CFG", "--param", "step_flops=0.1,7", "--out", "OUT"), "trial step_flops=7"),
+    (("sweep", "CFG", "--param", "step_flops=0.1", "--seeds", "0,x", "--out", "OUT"), "--seeds '0,x'"),
+    (("sweep", "CFG", "--param", "step_flops=0.1,0.2", "--reference", "step_flops=0.3", "--out", "OUT"),
+     "--reference 'step_flops=0.3' is not a configuration"),
     (("report", "OUT"), "is not a laasp-dist run folder"),
     (("evaluate", "RUN"), "has no final model yet"),
     (("export", "RUN", "--format", "onnx"), "final"),
@@ -191,3 +194,29 @@ def test_summary_groups_trials_by_configuration():
                 assert math.isnan(row[f"{m}_sd"])
     text = format_summary(summary)
     assert "2/3" in text and "1/3" in text and len(text.splitlines()) == 4
+
+
+def test_paired_differences_match_a_plain_loop():
+    """reference − configuration seed by seed, only where both finished; mean and sample sd from `statistics`."""
+    import math
+    import random
+    import statistics
+
+    from laasp_dist.sweep import format_paired, paired_differences
+
+    rng = random.Random(0)
+    rows = [{"configuration": c, "seed": seed, "status": "error: x" if (c, seed) in {("b", 1), ("pool", 3)} else "done",
+             "test_top1": rng.random(), "val_top1": rng.random(), "flops_reduction": rng.random()}
+            for seed in (3, 0, 1) for c in ("pool", "a", "b", "c")]
+    rows = [r for r in rows if (r["configuration"], r["seed"]) != ("c", 0)]  # never ran
+    paired = paired_differences(pd.DataFrame(rows), "pool")
+    value = {(r["configuration"], r["seed"]): r for r in rows if r["status"] == "done"}
+    assert list(dict.fromkeys(paired["configuration"])) == ["a", "b", "c"]
+    for _, row in paired.iterrows():
+        seeds = [s for s in (3, 0, 1) if ("pool", s) in value and (row["configuration"], s) in value]
+        diffs = [value["pool", s][row["metric"]] - value[row["configuration"], s][row["metric"]] for s in seeds]
+        assert list(row["seeds"]) == seeds and list(row["differences"]) == pytest.approx(diffs, abs=1e-15)
+        assert row["n"] == len(seeds) and row["mean"] == pytest.approx(statistics.mean(diffs), rel=1e-12)
+        assert row["sd"] == pytest.approx(statistics.stdev(diffs), rel=1e-12) if len(diffs) > 1 else math.isnan(row["sd"])
+    assert dict(zip(paired["configuration"], paired["n"])) == {"a": 2, "b": 1, "c": 1}
+    assert "n=2" in format_paired(paired, "pool")

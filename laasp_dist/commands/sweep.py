@@ -15,6 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default=None, metavar="S1,S2,...",
                    help="run every configuration once per seed (the config's top-level seed); summary.parquet has "
                         "mean, sample sd and n per configuration")
+    p.add_argument("--reference", default=None, metavar="CONFIGURATION",
+                   help="a configuration's name (as in the results' `configuration` column): print and save "
+                        "(paired.parquet) every other configuration's difference to it, paired by seed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a base config key (repeatable)")
     p.add_argument("--out", required=True, help="sweep folder (new or empty, or an earlier sweep with --resume)")
@@ -28,17 +31,20 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from ..errors import ConfigError
-    from ..sweep import RESULTS_FILE, SUMMARY_FILE, format_summary, parse_seeds, run_sweep
+    from ..sweep import RESULTS_FILE, SUMMARY_FILE, format_paired, format_summary, parse_seeds, run_sweep
 
     if args.max_concurrent < 1:
         raise ConfigError("--max-concurrent must be >= 1")
     seeds = parse_seeds(args.seeds)
-    table, summary = run_sweep(args.config, args.overrides, args.param, args.out, args.resume, args.max_concurrent,
-                               seeds)
+    tables = run_sweep(args.config, args.overrides, args.param, args.out, args.resume, args.max_concurrent, seeds,
+                       args.reference)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
-        print(table.to_string(index=False))
+        print(tables.results.to_string(index=False))
     print()
     print("per configuration: mean ± sample sd (ddof=1) over the finished trials, n = finished/trials")
-    print(format_summary(summary))
+    print(format_summary(tables.summary))
+    if tables.paired is not None:
+        print()
+        print(format_paired(tables.paired, args.reference))
     print(f"results: {args.out}/{RESULTS_FILE}, {args.out}/{SUMMARY_FILE}")
-    return 0 if (table["status"] == "done").all() else 1
+    return 0 if (tables.results["status"] == "done").all() else 1
