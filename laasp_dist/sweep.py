@@ -32,6 +32,7 @@ SWEEP_FILE = "sweep.yaml"
 RESULTS_FILE = "results.parquet"
 SUMMARY_FILE = "summary.parquet"
 PAIRED_FILE = "paired.parquet"
+PAIRED_PLOT = "paired.png"
 PAIRED_METRICS = ("test_top1", "val_top1", "flops_reduction")
 PLOT_FILE = "accuracy_vs_flops.png"
 # Per-configuration statistics of these trial columns (top-1 and reductions are fractions; wall time in s).
@@ -256,6 +257,7 @@ def write_results(sweep_dir: Path, grid: list[dict[str, Any]], errors: dict[str,
     if reference is not None:
         paired = paired_differences(table, reference)
         atomic_write(sweep_dir / PAIRED_FILE, lambda p: paired.to_parquet(p, index=False))
+        _plot_paired(paired, reference, sweep_dir / PAIRED_PLOT)
     _plot(table, summary, sweep_dir / PLOT_FILE)
     return SweepTables(table, summary, paired)
 
@@ -360,6 +362,31 @@ def _plot(table: "Any", summary: "Any", path: Path) -> None:
                  + ("; mean ± sample sd over seeds" if seeds > 1 else "") + ")", fontsize=9)
     if len(summary[summary["n"] > 0]):
         ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+
+
+def _plot_paired(paired: "Any", reference: str, path: Path, metric: str = "test_top1") -> None:
+    """Per configuration: reference − configuration in points, each seed's difference and their mean ± sd."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = paired[paired["metric"] == metric].reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(rows) + 1.6), dpi=110)
+    for i, r in rows.iterrows():
+        y = len(rows) - 1 - i
+        ax.scatter([100 * d for d in r["differences"]], [y] * len(r["differences"]), s=14, alpha=0.5, color="grey")
+        if r["n"]:
+            ax.errorbar(100 * r["mean"], y, xerr=None if r["sd"] != r["sd"] else 100 * r["sd"], fmt="o", capsize=3,
+                        color="C0")
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)), [f"{c} (n={n})" for c, n in zip(rows["configuration"], rows["n"])][::-1],
+                  fontsize=7)
+    ax.set_xlabel(f"reference minus configuration, {metric} (points); > 0: the reference is better", fontsize=8)
+    ax.set_title(f"reference {reference}, paired by seed: each seed (grey), mean ± sample sd", fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)

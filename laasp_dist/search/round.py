@@ -35,7 +35,7 @@ from ..pruning.importance import scored_members, taylor_statistics
 from ..pruning.steps import macs_removed
 from .executors import Executor, LocalExecutor, Task
 from .scoring import ScoreOptions, first_blocks
-from .subset import SearchSubset, calibration_shard
+from .subset import SearchSubset, Shard, calibration_shard
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ def round_candidates(net: PrunableNetwork, cfg: PruneConfig, subset: SearchSubse
                           seed=seed * 1_000_003 + round_index, statistics=statistics)
 
 
-def activation_statistics(net: PrunableNetwork, subset: SearchSubset, cfg: PruneConfig) -> dict[str, Any]:
+def activation_statistics(net: PrunableNetwork, subset: SearchSubset, cfg: PruneConfig) -> dict[str, torch.Tensor]:
     """`taylor_statistics` of every layer an activation criterion reads, on the subset's first images."""
     names = list(dict.fromkeys(m.name for g in net.groups for m in scored_members(g, "activation", cfg.aggregation)))
     device, chunk = net.parameters_device(), cfg.shard_batch_size
@@ -259,7 +259,8 @@ def search_round(net: PrunableNetwork, subset: SearchSubset, cfg: PruneConfig, r
 
 
 def _score(net: PrunableNetwork, subset: SearchSubset, cfg: PruneConfig, evaluator: Evaluator,
-           candidates: list[Candidate], calibration: Any, executor: Executor | None, options: ScoreOptions | None
+           candidates: list[Candidate], calibration: Shard | None, executor: Executor | None,
+           options: ScoreOptions | None
            ) -> tuple[np.ndarray, list[int], np.ndarray]:
     """Subset loss of every candidate: (mean loss, shards seen, images seen) per candidate."""
     own = executor is None
