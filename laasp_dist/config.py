@@ -70,6 +70,11 @@ class PruneConfig(Section):
     shard_batch_size: int = Field(500, ge=1)
     bn_recalibration: int = Field(0, ge=0, description="images of the subset used to re-estimate BN stats per candidate (0: off)")
     adaptive_confidence: float = Field(0.999, gt=0.5, lt=1)
+    selection: Literal["loss", "importance"] = Field(
+        "loss", description="how a round picks its candidate: 'loss' (lowest subset loss: LAASP) or 'importance' "
+        "(lowest normalised criterion importance removed per FLOP removed, no subset forwards: a global-ranking control)")
+    taylor_images: int | None = Field(None, ge=1, description="images of the scoring subset (from its start) in the "
+                                      "`taylor` criterion's gradient pass; None: the whole subset")
 
     @model_validator(mode="after")
     def _criteria_known(self) -> "PruneConfig":
@@ -117,6 +122,8 @@ class RunConfig(Section):
             raise ValueError("prune.start_epoch must be before train.total_epochs")
         if self.prune.subset_shards > self.prune.subset_size:
             raise ValueError("prune.subset_shards cannot exceed prune.subset_size")
+        if (self.prune.taylor_images or 0) > self.prune.subset_size:
+            raise ValueError("prune.taylor_images cannot exceed prune.subset_size")
         return self
 
 

@@ -41,6 +41,8 @@ def test_prune_writes_a_loadable_slim_model_reproducibly(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("flops", "resnet9000"), "unknown model 'resnet9000'"),
     (("prune", "resnet20", "--criterion", "nope", "--flops-reduction", "0.5", "--out", "X"), "unknown criterion"),
+    (("prune", "resnet20", "--criterion", "taylor", "--flops-reduction", "0.5", "--out", "X"),
+     "--criterion taylor is measured on training data"),
     (("prune", "resnet20", "--criterion", "l1", "--flops-reduction", "1.5", "--out", "X"), "must be in (0, 1)"),
     (("flops", "resnet20", "--input", "3x32"), "CxHxW"),
 ])

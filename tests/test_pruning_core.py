@@ -10,7 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import randomise_bn
 from laasp_dist.errors import PruningError
 from laasp_dist.models import list_models, model_entry
-from laasp_dist.pruning import Arch, PrunableNetwork, list_criteria
+from laasp_dist.pruning import Arch, PrunableNetwork, get_criterion, list_criteria
+from laasp_dist.pruning.importance import scored_members, taylor_statistics
 from laasp_dist.pruning.baseline import prune_by_criterion
 from laasp_dist.pruning.steps import macs_removed, min_width
 
@@ -37,7 +38,11 @@ def test_mask_equals_physical_removal_for_every_criterion(name):
         net = PrunableNetwork.create(arch)
         randomise_bn(net.model, seed=i)
         net.model.eval()
-        candidates = [c for c in net.candidates([criterion], 0.02, 0.75)]
+        statistics = None
+        if get_criterion(criterion).source == "activation":  # taylor: measured on data, here on x
+            names = [m.name for g in net.groups for m in scored_members(g, "activation")]
+            statistics = taylor_statistics(net.model, names, [(x, torch.arange(len(x)) % 10)])
+        candidates = net.candidates([criterion], 0.02, 0.75, statistics=statistics)
         # spread over the network: first group (residual stream in ResNets), middle and last
         for cand in (candidates[0], candidates[len(candidates) // 2], candidates[-1]):
             with torch.no_grad(), net.masked(cand.group, cand.channels):

@@ -111,3 +111,43 @@ def test_bad_subset_input_is_refused(fashion_train):
         search_round(net_of(), subset, cfg_of(), executor=LocalExecutor(build_subset(fashion_train, 40, 2, seed=0)))
     with pytest.raises(ConfigError):
         ScoreOptions(0, 10)
+
+
+def test_importance_selection_picks_the_least_importance_per_flop_without_scoring(fashion_train, tmp_path):
+    """selection=importance: same candidates as a loss round, no shard task at all, and the winner is the
+    lowest Σ normalised importance of the removed channels per % of the original FLOPs that pruning a copy
+    actually removes; loss is NaN. Then a whole run to the target on that rule alone."""
+    import copy
+    import math
+
+    from laasp_dist.pruning import get_criterion
+    from laasp_dist.pruning.importance import group_importance
+
+    subset = build_subset(fashion_train, 60, 2, seed=0)
+    net = net_of(2)
+    net.apply(net.candidates(["l1"], 0.03, 0.75)[5])  # a network that was pruned before
+    SpyExecutor.tasks = 0
+    result = search_round(net, subset, cfg_of(criteria=["l1", "fpgm"], selection="importance"),
+                          executor=SpyExecutor(subset))
+    assert SpyExecutor.tasks == 0 and result.evaluator == "importance"
+    by_loss = search_round(net, subset, cfg_of(criteria=["l1", "fpgm"]))
+    assert [r["channels"] for r in result.table] == [r["channels"] for r in by_loss.table]
+    keys = []
+    for row in result.table:
+        scores = group_importance(net.group(row["group"]), get_criterion(row["criterion"]))
+        clone = PrunableNetwork(copy.deepcopy(net.model), net.arch, base_macs=net.base_macs)
+        clone.prune(row["group"], row["channels"])
+        removed_pct = 100 * (net.cost.macs - clone.cost.macs) / net.base_macs
+        keys.append(float(scores[row["channels"]].sum()) / removed_pct)
+        assert math.isnan(row["loss"]) and row["shards_seen"] == 0
+    assert [r["importance"] for r in result.table] == pytest.approx(keys, rel=1e-9)
+    assert [r["importance"] for r in by_loss.table] == pytest.approx(keys, rel=1e-9)
+    best = min(range(len(keys)), key=lambda i: (keys[i], i))
+    assert [r["chosen"] for r in result.table] == [i == best for i in range(len(keys))]
+    assert math.isnan(result.loss)
+
+    results = prune_to_target(net, subset, cfg_of(selection="importance", target_flops_reduction=0.2),
+                              SpyExecutor(subset), history_path=tmp_path / "h.parquet")
+    assert SpyExecutor.tasks == 0 and 0.2 <= net.macs_reduction < 0.22
+    history = read_history(tmp_path / "h.parquet")
+    assert len({r["round"] for r in history}) == len(results) and all(math.isnan(r["loss"]) for r in history)

@@ -136,21 +136,44 @@ def test_tensorboard_has_the_scalars(full_run: Path) -> None:
 
 @pytest.mark.timeout(900)
 def test_scoring_on_the_training_ranks_with_momentum_reset(ray_session, full_run: Path, tmp_path: Path) -> None:
-    """search_executor=ranks (the GPU default) and keep_momentum=false (the reference) complete the schedule;
-    the first round, scored on the same network and subset, gives the same candidate losses as the actors."""
+    """search_executor=ranks (the GPU default) and keep_momentum=false (the reference) complete the schedule,
+    with `taylor` (gradient statistics: the candidate list comes from rank 0) in the pool; the first round,
+    scored on the same network and subset, gives the same candidate losses as the actors."""
     import copy
     import json
 
     cfg = copy.deepcopy(TINY)
     cfg["ray"]["search_executor"] = "ranks"
     cfg["train"]["keep_momentum"] = False
+    cfg["prune"]["criteria"] = ["l1", "fpgm", "taylor"]
     summary = run_job(build_config(cfg), tmp_path / "run")
     assert TARGET <= summary["flops_reduction"] < TARGET + 0.05
     assert all(len(set(c["digests"])) == 1 for c in summary["sync_checks"])
     ours = pd.read_parquet(tmp_path / "run" / "history.parquet")
+    assert set(ours["criterion"]) == {"l1", "fpgm", "taylor"} and ours["loss"].notna().all()
+    ours = ours[ours["criterion"] != "taylor"]
     theirs = pd.read_parquet(full_run / "history.parquet")
     first = ours[ours["round"] == 1].reset_index(drop=True)
     ref = theirs[theirs["round"] == 1].reset_index(drop=True)
     assert list(first["group"]) == list(ref["group"]) and list(first["criterion"]) == list(ref["criterion"])
     np.testing.assert_allclose(first["loss"], ref["loss"], rtol=1e-5)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"] == summary["rounds"]
+
+
+@pytest.mark.timeout(240)
+def test_importance_selection_prunes_without_subset_losses(ray_session, tmp_path: Path) -> None:
+    """prune.selection=importance runs the same schedule with no subset loss: NaN in the history, None in the
+    summary's winners, and each round's winner is its lowest importance per % FLOPs."""
+    import copy
+    import json
+
+    cfg = copy.deepcopy(TINY)
+    cfg["prune"]["selection"] = "importance"
+    summary = run_job(build_config(cfg), tmp_path / "run")
+    assert TARGET <= summary["flops_reduction"] < TARGET + 0.05
+    history = pd.read_parquet(tmp_path / "run" / "history.parquet")
+    assert history["loss"].isna().all() and history["importance"].notna().all()
+    for _, rows in history.groupby("round"):
+        assert rows["chosen"].sum() == 1 and rows.loc[rows["chosen"], "importance"].iloc[0] == rows["importance"].min()
+    winners = json.loads((tmp_path / "run" / "summary.json").read_text())["winners"]
+    assert len(winners) == summary["rounds"] and all(w["loss"] is None for w in winners)

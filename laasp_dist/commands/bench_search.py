@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     if "reference" in evaluators:
         REFERENCE_TIMINGS.update(setup=0.0, forward=0.0)
         if args.reference_candidates:
-            cands = round_candidates(net, cfg("reference"), seed=args.seed * 1_000_003)
+            cands = round_candidates(net, cfg("reference"), subset, seed=args.seed)
             pick = np.linspace(0, len(cands) - 1, min(args.reference_candidates, len(cands))).round().astype(int)
             start = time.perf_counter()
             score_reference(net, [cands[i] for i in pick], subset.shards, options)

@@ -32,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
                         ("--max-prune-ratio", args.max_prune_ratio)):
         if not 0.0 < value < 1.0:
             raise ConfigError(f"{name} must be in (0, 1), got {value}")
-    get_criterion(args.criterion)
+    if get_criterion(args.criterion).source == "activation":
+        raise ConfigError(f"--criterion {args.criterion} is measured on training data (activation gradients), which "
+                          f"the prune command does not read: use it in a run's prune.criteria")
     torch.manual_seed(args.seed)  # a fresh model's initialisation decides the criterion's ranking
     net = load_slim_model(args.weights) if args.weights else PrunableNetwork.create(arch_from_args(args))
     before = net.cost

@@ -1,8 +1,9 @@
 """Channel-importance criteria: a registry of small functions over a layer's per-channel rows.
 
 A criterion maps the rows of one layer (conv: one flattened filter per output
-channel; BN: its γ as a one-column matrix) to one score per channel. The
-lowest-scoring channels are removed.
+channel; BN: its γ as a one-column matrix; activation: per-channel statistics of
+the layer's output measured on data, see `importance.taylor_statistics`) to one
+score per channel. The lowest-scoring channels are removed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 
-Source = Literal["conv", "bn"]
+Source = Literal["conv", "bn", "activation"]
 ScoreFn = Callable[[Tensor, torch.Generator], Tensor]
 
 
@@ -84,6 +85,12 @@ def cosine(rows: Tensor, generator: torch.Generator) -> Tensor:
 def bn_scale(rows: Tensor, generator: torch.Generator) -> Tensor:
     """|γ| of the BN that follows the conv"""
     return rows.abs().sum(1)
+
+
+@register_criterion("taylor", source="activation")
+def taylor(rows: Tensor, generator: torch.Generator) -> Tensor:
+    """first-order Taylor |a·∂L/∂a| on the scoring subset (Molchanov et al. 2017)"""
+    return rows[:, 0]  # the statistics already are the per-channel mean over images of |mean over positions of a·g|
 
 
 @register_criterion("random")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -44,11 +45,16 @@ class PruneRecord:
 
 @dataclass(frozen=True)
 class Candidate:
-    """Remove `channels` of `group`, chosen by `criterion`."""
+    """Remove `channels` of `group`, chosen by `criterion`.
+
+    `importance`: the sum of the removed channels' group-normalised criterion scores (what
+    `prune.selection: importance` ranks by); not part of a candidate's identity.
+    """
 
     group: str
     criterion: str
     channels: tuple[int, ...]
+    importance: float = field(default=math.nan, compare=False)
 
     @property
     def k(self) -> int:
@@ -145,8 +151,12 @@ class PrunableNetwork:
         target_reduction: float | None = None,
         aggregation: Aggregation = "group",
         seed: int = 0,
+        statistics: Mapping[str, torch.Tensor] | None = None,
     ) -> list[Candidate]:
-        """Every (group × criterion) candidate of this round, in group order then criterion order."""
+        """Every (group × criterion) candidate of this round, in group order then criterion order.
+
+        `statistics` feeds the `activation` criteria (`taylor`): see `importance.taylor_statistics`.
+        """
         pool = [get_criterion(c) for c in criteria]
         out = []
         for index, group in enumerate(self._groups):
@@ -154,8 +164,10 @@ class PrunableNetwork:
             if k < 1:
                 continue
             for criterion in pool:
-                scores = group_importance(group, criterion, aggregation, seed=seed * 100_003 + index)
-                out.append(Candidate(group.name, criterion.name, least_important(scores, k)))
+                scores = group_importance(group, criterion, aggregation, seed=seed * 100_003 + index,
+                                          statistics=statistics)
+                channels = least_important(scores, k)
+                out.append(Candidate(group.name, criterion.name, channels, float(scores[list(channels)].sum())))
         return out
 
     def apply(self, candidate: Candidate) -> PruneRecord:

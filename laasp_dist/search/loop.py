@@ -23,7 +23,7 @@ from .round import RoundResult, get_evaluator, search_round
 from .scoring import ScoreOptions
 from .subset import SearchSubset
 
-HISTORY_COLUMNS = ("round", "group", "criterion", "k", "loss", "shards_seen", "images_seen", "chosen",
+HISTORY_COLUMNS = ("round", "group", "criterion", "k", "loss", "importance", "shards_seen", "images_seen", "chosen",
                    "macs_before", "macs_after")
 
 
@@ -95,7 +95,8 @@ def write_history(results: Sequence[RoundResult], location: str | Path | Storage
     """Every round's candidate table as one Parquet file (`history.parquet`), at a local path or URI."""
     rows = history_rows(results)
     schema = pa.schema([("round", pa.int32()), ("group", pa.string()), ("criterion", pa.string()),
-                        ("k", pa.int32()), ("loss", pa.float64()), ("shards_seen", pa.int32()),
+                        ("k", pa.int32()), ("loss", pa.float64()), ("importance", pa.float64()),
+                        ("shards_seen", pa.int32()),
                         ("images_seen", pa.int64()), ("chosen", pa.bool_()), ("macs_before", pa.int64()),
                         ("macs_after", pa.int64()), ("channels", pa.list_(pa.int32()))])
     table = pa.Table.from_pylist(rows, schema=schema)

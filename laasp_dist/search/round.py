@@ -11,6 +11,10 @@ candidate whose mean paired per-image loss difference to the current leader has 
 one-sided lower confidence bound above zero (`adaptive_confidence`, normal
 approximation over all images seen so far) is dropped. Survivors see every shard;
 the winner is the survivor with the lowest mean over the whole subset.
+
+`prune.selection: importance` is the non-loss-aware control in the same round: the same
+candidates, no subset forwards, the lowest normalised criterion importance removed per
+% of the original FLOPs removed wins.
 """
 
 from __future__ import annotations
@@ -19,17 +23,19 @@ import math
 import time
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch
 
 from ..config import PruneConfig
 from ..errors import ConfigError, DataError, PruningError
 from ..pruning import Candidate, PrunableNetwork, get_criterion
+from ..pruning.importance import scored_members, taylor_statistics
 from ..pruning.steps import macs_removed
 from .executors import Executor, LocalExecutor, Task
 from .scoring import ScoreOptions, first_blocks
-from .subset import SearchSubset, calibration_shard
+from .subset import SearchSubset, Shard, calibration_shard
 
 
 @dataclass(frozen=True)
@@ -166,37 +172,101 @@ def plan_tasks(candidates: Sequence[Candidate], indices: Sequence[int], shards: 
 # ------------------------------------------------------------------------------------------- the round
 
 
-def round_candidates(net: PrunableNetwork, cfg: PruneConfig, seed: int = 0) -> list[Candidate]:
-    """This round's candidates (validated criteria; the last step trimmed to the target)."""
-    for name in cfg.criteria:
-        get_criterion(name)
+def round_candidates(net: PrunableNetwork, cfg: PruneConfig, subset: SearchSubset | None = None, *,
+                     round_index: int = 0, seed: int = 0) -> list[Candidate]:
+    """This round's candidates (validated criteria; the last step trimmed to the target).
+
+    An `activation` criterion (`taylor`) first measures its statistics on the network as it
+    is now, with one gradient pass over `subset` (the first `cfg.taylor_images` images).
+    `random` is seeded with `seed · 1 000 003 + round_index`.
+    """
+    pool = [get_criterion(name) for name in cfg.criteria]
+    statistics = None
+    if any(c.source == "activation" for c in pool):
+        if subset is None or len(subset) == 0:
+            raise PruningError(f"criteria {cfg.criteria} include a data-driven one (taylor), which needs the "
+                               f"scoring subset")
+        statistics = activation_statistics(net, subset, cfg)
     return net.candidates(cfg.criteria, cfg.step_flops, cfg.max_prune_ratio,
-                          target_reduction=cfg.target_flops_reduction, aggregation=cfg.aggregation, seed=seed)
+                          target_reduction=cfg.target_flops_reduction, aggregation=cfg.aggregation,
+                          seed=seed * 1_000_003 + round_index, statistics=statistics)
+
+
+def activation_statistics(net: PrunableNetwork, subset: SearchSubset, cfg: PruneConfig) -> dict[str, torch.Tensor]:
+    """`taylor_statistics` of every layer an activation criterion reads, on the subset's first images."""
+    names = list(dict.fromkeys(m.name for g in net.groups for m in scored_members(g, "activation", cfg.aggregation)))
+    device, chunk = net.parameters_device(), cfg.shard_batch_size
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for shard, take in subset.head(cfg.taylor_images or len(subset)):
+            for start in range(0, take, chunk):
+                stop = min(start + chunk, take)
+                yield shard.inputs(device, start, stop), shard.labels[start:stop].to(device)
+
+    return taylor_statistics(net.model, names, batches())
 
 
 def search_round(net: PrunableNetwork, subset: SearchSubset, cfg: PruneConfig, round_index: int = 0,
-                 executor: Executor | None = None, *, seed: int = 0, options: ScoreOptions | None = None
-                 ) -> RoundResult:
-    """Score this round's candidates on the subset with `cfg.search` and return the winner and the table.
+                 executor: Executor | None = None, *, seed: int = 0, options: ScoreOptions | None = None,
+                 candidates: Sequence[Candidate] | None = None) -> RoundResult:
+    """Pick this round's candidate by `cfg.selection` and return the winner and the full table.
 
-    The network is not changed; apply `result.winner` to prune. `executor` defaults to
-    an in-process one over `subset` with `options` (default: chunks of `cfg.shard_batch_size`);
-    a given executor brings its own options. `seconds` covers scoring and reduction, not
-    building the candidate list.
+    `loss` (LAASP): every candidate is scored on the subset with `cfg.search`; the lowest
+    mean loss wins. `importance` (a control): no subset forwards; the lowest normalised
+    criterion importance removed per % of the original FLOPs removed wins (a global
+    ranking), and the table's `loss` is NaN. Ties: the earliest candidate (group order,
+    then criterion order). Every row has `importance`, whichever rule selects.
+
+    The network is not changed; apply `result.winner` to prune. `candidates` defaults to
+    `round_candidates(net, cfg, subset, ...)`; the training job passes the coordinator's list
+    so that every rank scores the same one. `executor` defaults to an in-process one over
+    `subset` with `options` (default: chunks of `cfg.shard_batch_size`); a given executor
+    brings its own options. `seconds` covers scoring and reduction, not building the
+    candidate list.
     """
     evaluator = get_evaluator(cfg.search)
     if len(subset) == 0:
         raise DataError("the scoring subset is empty")
     calibration = calibration_shard(subset, cfg.bn_recalibration)
-    candidates = round_candidates(net, cfg, seed=seed * 1_000_003 + round_index)
+    if candidates is None:
+        candidates = round_candidates(net, cfg, subset, round_index=round_index, seed=seed)
+    candidates = list(candidates)
     if not candidates:
         raise PruningError(f"round {round_index}: no group can lose another channel within max_prune_ratio "
                            f"{cfg.max_prune_ratio}; the target is unreachable")
+    macs = net.cost.macs
+    removed = [macs_removed(net.group(c.group), c.k, net.cost.layer_macs) for c in candidates]
+    per_flop = np.array([c.importance / max(r / net.base_macs * 100.0, 1e-12) for c, r in zip(candidates, removed)])
+    start = time.perf_counter()
+    if cfg.selection == "importance":
+        means = np.full(len(candidates), np.nan)
+        shards_seen, images = [0] * len(candidates), np.zeros(len(candidates), dtype=np.int64)
+        winner = select_winner(per_flop)
+    else:
+        means, shards_seen, images = _score(net, subset, cfg, evaluator, candidates, calibration, executor, options)
+        winner = select_winner(means, np.array(shards_seen) == subset.num_shards)
+    seconds = time.perf_counter() - start
+    table = []
+    for i, cand in enumerate(candidates):
+        table.append({
+            "round": round_index, "group": cand.group, "criterion": cand.criterion, "k": cand.k,
+            "channels": list(cand.channels), "loss": float(means[i]), "importance": float(per_flop[i]),
+            "shards_seen": shards_seen[i], "images_seen": int(images[i]), "chosen": i == winner,
+            "macs_before": int(macs), "macs_after": int(round(macs - removed[i])),
+        })
+    return RoundResult(round_index, candidates[winner], float(means[winner]), table, seconds, int(macs),
+                       evaluator.name if cfg.selection == "loss" else "importance", int(images.sum()))
+
+
+def _score(net: PrunableNetwork, subset: SearchSubset, cfg: PruneConfig, evaluator: Evaluator,
+           candidates: list[Candidate], calibration: Shard | None, executor: Executor | None,
+           options: ScoreOptions | None
+           ) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """Subset loss of every candidate: (mean loss, shards seen, images seen) per candidate."""
     own = executor is None
     executor = executor or LocalExecutor(subset, options or ScoreOptions(cfg.shard_batch_size, cfg.shard_batch_size))
     if executor.subset.num_shards != subset.num_shards or len(executor.subset) != len(subset):
         raise ConfigError("the executor holds a different scoring subset than the round was given")
-    start = time.perf_counter()
     costs = candidate_costs(net, candidates)
     seen: list[list[tuple[int, np.ndarray]]] = [[] for _ in candidates]  # per candidate: (shard, losses)
     executor.start_round(net, candidates, calibration)
@@ -221,19 +291,5 @@ def search_round(net: PrunableNetwork, subset: SearchSubset, cfg: PruneConfig, r
         if own:
             executor.close()
     per_candidate = [[a for _, a in sorted(parts, key=lambda t: t[0])] for parts in seen]
-    shards_seen = [len(parts) for parts in per_candidate]
     means, images = reduce_losses(per_candidate)
-    winner = select_winner(means, np.array(shards_seen) == subset.num_shards)
-    seconds = time.perf_counter() - start
-    macs = net.cost.macs
-    table = []
-    for i, cand in enumerate(candidates):
-        removed = macs_removed(net.group(cand.group), cand.k, net.cost.layer_macs)
-        table.append({
-            "round": round_index, "group": cand.group, "criterion": cand.criterion, "k": cand.k,
-            "channels": list(cand.channels), "loss": float(means[i]), "shards_seen": shards_seen[i],
-            "images_seen": int(images[i]), "chosen": i == winner, "macs_before": int(macs),
-            "macs_after": int(round(macs - removed)),
-        })
-    return RoundResult(round_index, candidates[winner], float(means[winner]), table, seconds, int(macs),
-                       evaluator.name, int(images.sum()))
+    return means, [len(parts) for parts in per_candidate], images

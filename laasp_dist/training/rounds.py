@@ -10,7 +10,12 @@ Executors (``ray.search_executor``):
   r, r+W, r+2W, … on its own device and all-gathers the per-image losses, so every
   rank reduces the same table and picks the same winner. Needs no extra devices:
   the GPU default (search actors would each ask for a whole GPU, which training holds).
-- ``local``: the coordinator scores everything itself (`LocalExecutor`).
+- ``local``: the coordinator scores everything itself (`LocalExecutor`). Also what a
+  ``prune.selection: importance`` run uses, whatever is configured: it scores nothing.
+
+The candidate list comes from the coordinator: with ``ranks`` it is built on rank 0 and
+broadcast, so that every rank scores the same candidates even where a criterion's
+statistics (``taylor``'s gradients) could differ in the last bits between devices.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from ..config import RunConfig
 from ..pruning import Candidate, PrunableNetwork
 from ..search import LocalExecutor, RoundResult, ScoreOptions, SearchSubset, Task, read_subset, search_round
+from ..search.round import round_candidates
 from ..search.subset import Shard
 from ..storage import Storage
 from . import sync
@@ -31,6 +37,8 @@ from . import sync
 
 def executor_kind(config: RunConfig) -> str:
     kind = config.ray.search_executor
+    if config.prune.selection == "importance":
+        return "local"
     if kind == "auto":
         return "ranks" if config.ray.use_gpu else "actors"
     return kind
@@ -69,7 +77,7 @@ class Searcher:
     """Holds the subset and the executor across the rounds of a run."""
 
     def __init__(self, config: RunConfig, subset_dir: Path | Storage, device: torch.device, rank: int, world: int) -> None:
-        self.config, self.kind = config, executor_kind(config)
+        self.config, self.kind, self.rank, self.device = config, executor_kind(config), rank, device
         self.subset = read_subset(subset_dir)
         p = config.prune
         options = ScoreOptions(chunk_size=p.shard_batch_size, max_batch=p.shard_batch_size)
@@ -90,7 +98,13 @@ class Searcher:
         return self.kind == "ranks"
 
     def run(self, net: PrunableNetwork, index: int) -> RoundResult:
-        return search_round(net, self.subset, self.config.prune, index, self.executor, seed=self.config.seed)
+        """One round; with ``ranks``, every rank calls this and gets rank 0's candidate list."""
+        p, seed = self.config.prune, self.config.seed
+        candidates = None
+        if self.all_ranks:
+            mine = round_candidates(net, p, self.subset, round_index=index, seed=seed) if self.rank == 0 else None
+            candidates = sync.broadcast(mine, device=self.device)
+        return search_round(net, self.subset, p, index, self.executor, seed=seed, candidates=candidates)
 
     def close(self) -> None:
         self.executor.close()

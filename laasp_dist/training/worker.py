@@ -16,6 +16,7 @@ group that Ray restarts after a failure starts again from `ray.train.get_checkpo
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 import time
@@ -288,17 +289,21 @@ class Worker:
             payload = {"spec": network_spec(self.net), "model": _cpu_state(self.net.model), "momentum": sliced}
             self.history.extend(plain(r) for r in result.table)
             cost = self.net.cost
+            chosen = next(r for r in result.table if r["chosen"])
+            measured = not math.isnan(result.loss)  # prune.selection=importance measures no subset loss
             record = {"round": index, "epoch": self.state.epoch, "group": winner.group,
                       "criterion": winner.criterion, "k": len(winner.channels), "channels": list(winner.channels),
-                      "loss": float(result.loss), "channel_flops_share": channel_macs, "macs": cost.macs,
+                      "loss": float(result.loss) if measured else None, "importance": chosen["importance"],
+                      "channel_flops_share": channel_macs, "macs": cost.macs,
                       "params": cost.params, "flops_reduction": self.net.macs_reduction,
                       "candidates": len(result.table), "seconds": float(result.seconds)}
             self.rounds.append(record)
             self.monitor.round(index, winner.group, winner.criterion, float(result.loss), self.net.macs_reduction)
             self.monitor.scalars(index, {"prune/round_macs": cost.macs, "prune/round_params": cost.params,
                                          "prune/round_seconds": result.seconds})
+            why = f"subset loss {result.loss:.4f}" if measured else f"importance {chosen['importance']:.4g} per % FLOPs"
             _say(f"[laasp] round {index}: {winner.criterion} removes {len(winner.channels)} of {winner.group} "
-                  f"(subset loss {result.loss:.4f}, {len(result.table)} candidates, {result.seconds:.1f} s) "
+                  f"({why}, {len(result.table)} candidates, {result.seconds:.1f} s) "
                   f"-> FLOPs -{self.net.macs_reduction:.2%}")
         payload = sync.broadcast(payload, device=self.device)
         self.state.rounds += 1
