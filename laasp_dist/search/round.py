@@ -19,17 +19,21 @@ import math
 import time
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from ..config import PruneConfig
 from ..errors import ConfigError, DataError, PruningError
 from ..pruning import Candidate, PrunableNetwork, get_criterion
-from ..pruning.steps import macs_removed
+from ..latency import resolve_round_to
+from ..pruning.steps import FLOPS, StepCost, macs_removed
 from .executors import Executor, LocalExecutor, Task
 from .scoring import ScoreOptions, first_blocks
 from .subset import SearchSubset, calibration_shard
+
+if TYPE_CHECKING:
+    from ..latency_table import LatencyModel
 
 
 @dataclass(frozen=True)
@@ -166,32 +170,51 @@ def plan_tasks(candidates: Sequence[Candidate], indices: Sequence[int], shards: 
 # ------------------------------------------------------------------------------------------- the round
 
 
-def round_candidates(net: PrunableNetwork, cfg: PruneConfig, seed: int = 0) -> list[Candidate]:
-    """This round's candidates (validated criteria; the last step trimmed to the target)."""
+def step_cost(cfg: PruneConfig, latency: LatencyModel | None) -> StepCost:
+    """What this config's steps and target are measured in: FLOPs, or `latency`'s estimate with target=latency."""
+    if cfg.target != "latency":
+        return FLOPS
+    if latency is None:
+        raise ConfigError("prune.target=latency needs a latency table (prune.latency_table, or a run measures one)")
+    return latency
+
+
+def round_to_of(cfg: PruneConfig) -> int:
+    """`cfg.round_to` as a number (a run's config has it resolved; a bare PruneConfig's `auto` means this CPU)."""
+    return resolve_round_to(cfg.round_to, "cpu")
+
+
+def round_candidates(net: PrunableNetwork, cfg: PruneConfig, seed: int = 0,
+                     latency: LatencyModel | None = None) -> list[Candidate]:
+    """This round's candidates (validated criteria; rounded widths; the last step trimmed to the target)."""
     for name in cfg.criteria:
         get_criterion(name)
-    return net.candidates(cfg.criteria, cfg.step_flops, cfg.max_prune_ratio,
-                          target_reduction=cfg.target_flops_reduction, aggregation=cfg.aggregation, seed=seed)
+    target, step, _ = cfg.goal()
+    return net.candidates(cfg.criteria, step, cfg.max_prune_ratio, target_reduction=target,
+                          aggregation=cfg.aggregation, seed=seed, round_to=round_to_of(cfg),
+                          cost=step_cost(cfg, latency))
 
 
 def search_round(net: PrunableNetwork, subset: SearchSubset, cfg: PruneConfig, round_index: int = 0,
-                 executor: Executor | None = None, *, seed: int = 0, options: ScoreOptions | None = None
-                 ) -> RoundResult:
+                 executor: Executor | None = None, *, seed: int = 0, options: ScoreOptions | None = None,
+                 latency: LatencyModel | None = None) -> RoundResult:
     """Score this round's candidates on the subset with `cfg.search` and return the winner and the table.
 
     The network is not changed; apply `result.winner` to prune. `executor` defaults to
     an in-process one over `subset` with `options` (default: chunks of `cfg.shard_batch_size`);
     a given executor brings its own options. `seconds` covers scoring and reduction, not
-    building the candidate list.
+    building the candidate list. With a `latency` model (needed for `cfg.target == "latency"`)
+    the table rows carry every candidate's estimated latency before and after.
     """
     evaluator = get_evaluator(cfg.search)
     if len(subset) == 0:
         raise DataError("the scoring subset is empty")
     calibration = calibration_shard(subset, cfg.bn_recalibration)
-    candidates = round_candidates(net, cfg, seed=seed * 1_000_003 + round_index)
+    candidates = round_candidates(net, cfg, seed=seed * 1_000_003 + round_index, latency=latency)
     if not candidates:
         raise PruningError(f"round {round_index}: no group can lose another channel within max_prune_ratio "
-                           f"{cfg.max_prune_ratio}; the target is unreachable")
+                           f"{cfg.max_prune_ratio} (round_to {round_to_of(cfg)}) and cut the {cfg.target} "
+                           f"estimate; the target is unreachable")
     own = executor is None
     executor = executor or LocalExecutor(subset, options or ScoreOptions(cfg.shard_batch_size, cfg.shard_batch_size))
     if executor.subset.num_shards != subset.num_shards or len(executor.subset) != len(subset):
@@ -226,14 +249,17 @@ def search_round(net: PrunableNetwork, subset: SearchSubset, cfg: PruneConfig, r
     winner = select_winner(means, np.array(shards_seen) == subset.num_shards)
     seconds = time.perf_counter() - start
     macs = net.cost.macs
+    latency_ms = latency.estimate_ms(net) if latency is not None else None
     table = []
     for i, cand in enumerate(candidates):
         removed = macs_removed(net.group(cand.group), cand.k, net.cost.layer_macs)
+        saved_ms = float(latency.removed_ms(net, net.group(cand.group), [cand.k])[0]) if latency is not None else None
         table.append({
             "round": round_index, "group": cand.group, "criterion": cand.criterion, "k": cand.k,
             "channels": list(cand.channels), "loss": float(means[i]), "shards_seen": shards_seen[i],
             "images_seen": int(images[i]), "chosen": i == winner, "macs_before": int(macs),
-            "macs_after": int(round(macs - removed)),
+            "macs_after": int(round(macs - removed)), "latency_ms_before": latency_ms,
+            "latency_ms_after": None if latency_ms is None else latency_ms - saved_ms,
         })
     return RoundResult(round_index, candidates[winner], float(means[winner]), table, seconds, int(macs),
                        evaluator.name, int(images.sum()))

@@ -22,6 +22,7 @@ from typing import Any
 from ..config import RunConfig, load_config, save_config
 from ..errors import ConfigError, DataError, LaaspError
 from ..io import write_json
+from ..latency_table import given_run_table, keep_run_table
 from ..runtime import ensure_ray
 from ..pruning import PrunableNetwork
 from ..search import check_search_inputs, read_subset
@@ -144,10 +145,13 @@ def run_job(config: RunConfig, out_dir: str | Path | None = None, resume: bool =
         print(f"laasp-dist: warning: {message}", file=sys.stderr)
     splits = load_splits(config)
     check_sizes(config, splits)
+    arch = arch_of(config, splits)
+    latency = given_run_table(config, run_dir, arch)  # the run folder's, or prune.latency_table, checked
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / CONFIG_FILE)
     subset_dir = build_subset_dir(config, splits, run_dir / SUBSET_DIR)
-    check_search_inputs(PrunableNetwork.create(arch_of(config, splits)), read_subset(subset_dir), config.prune)
+    keep_run_table(run_dir, latency)
+    check_search_inputs(PrunableNetwork.create(arch), read_subset(subset_dir), config.prune, latency)
     del splits
     setup_s = time.perf_counter() - start
 

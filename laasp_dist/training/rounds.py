@@ -16,7 +16,7 @@ Executors (``ray.search_executor``):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from ..pruning import Candidate, PrunableNetwork
 from ..search import LocalExecutor, RoundResult, ScoreOptions, SearchSubset, Task, read_subset, search_round
 from ..search.subset import Shard
 from . import sync
+
+if TYPE_CHECKING:
+    from ..latency_table import LatencyModel
 
 
 def executor_kind(config: RunConfig) -> str:
@@ -88,8 +91,9 @@ class Searcher:
         """Whether every rank takes part in a round (else the coordinator alone)."""
         return self.kind == "ranks"
 
-    def run(self, net: PrunableNetwork, index: int) -> RoundResult:
-        return search_round(net, self.subset, self.config.prune, index, self.executor, seed=self.config.seed)
+    def run(self, net: PrunableNetwork, index: int, latency: LatencyModel | None = None) -> RoundResult:
+        return search_round(net, self.subset, self.config.prune, index, self.executor, seed=self.config.seed,
+                            latency=latency)
 
     def close(self) -> None:
         self.executor.close()
