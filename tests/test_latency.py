@@ -40,10 +40,10 @@ def rounded(widths: dict[str, int], original: dict[str, int], n: int) -> bool:
 @pytest.mark.parametrize("n", [8, 16])
 def test_rounded_widths_after_every_step_and_in_the_saved_model(n, tmp_path):
     torch.manual_seed(0)
-    net = PrunableNetwork.create(Arch("resnet56", 10, 3, 32))
-    prune_by_criterion(net, "l1", 0.45, round_to=n)
+    net = PrunableNetwork.create(R20)
+    prune_by_criterion(net, "l1", 0.45, step_fraction=0.04, round_to=n)
     assert net.macs_reduction >= 0.45 and len(net.prunes) >= 3
-    step = PrunableNetwork.create(Arch("resnet56", 10, 3, 32))
+    step = PrunableNetwork.create(R20)
     for record in net.prunes:  # every intermediate network, rebuilt from the record
         replay(step, [record])
         assert rounded(step.widths(), step.original_widths, n), step.widths()
@@ -57,7 +57,7 @@ def test_rounded_widths_after_every_step_and_in_the_saved_model(n, tmp_path):
 
 def test_a_group_narrower_than_n_keeps_at_least_one_channel_and_is_not_rounded():
     net = PrunableNetwork.create(R20)  # 16-channel groups with round_to 32: exempt, only the cap holds
-    prune_by_criterion(net, "l2", 0.3, round_to=32, max_prune_ratio=0.9)
+    prune_by_criterion(net, "l2", 0.3, step_fraction=0.05, round_to=32, max_prune_ratio=0.9)
     widths = net.widths()
     assert any(w % 32 for g, w in widths.items() if net.original_widths[g] < 32)  # really pruned, unrounded
     assert all(w >= 1 for w in widths.values())
@@ -67,9 +67,9 @@ def test_a_group_narrower_than_n_keeps_at_least_one_channel_and_is_not_rounded()
 @pytest.mark.parametrize("n", [1, 8, 16])
 def test_last_rounded_step_passes_the_target_by_less_than_n_channels(n):
     target = 0.30
-    net = PrunableNetwork.create(Arch("resnet32", 10))
+    net = PrunableNetwork.create(R20)
     prune_by_criterion(net, "fpgm", target, step_fraction=0.04, round_to=n)
-    before_last = replay(PrunableNetwork.create(Arch("resnet32", 10)), net.prunes[:-1])
+    before_last = replay(PrunableNetwork.create(R20), net.prunes[:-1])
     assert before_last.macs_reduction < target <= net.macs_reduction
     group = before_last.group(net.prunes[-1].group)
     # MACs are counted by torch (count_cost), the bound by the per-layer formula of N channels at that width
@@ -167,9 +167,9 @@ def test_estimate_follows_the_widths_of_a_physically_pruned_network(name):
 
 def test_latency_target_stops_at_the_target_with_rounded_widths(fashion_train):
     model = LatencyModel(synthetic_table(R20))
-    subset = build_subset(fashion_train, 40, 2, seed=0)
-    cfg = PruneConfig(criteria=["l1", "fpgm"], subset_size=40, subset_shards=2, shard_batch_size=20,
-                      target="latency", target_latency_reduction=0.3, step_latency=0.05, round_to=8)
+    subset = build_subset(fashion_train, 20, 2, seed=0)
+    cfg = PruneConfig(criteria=["l1", "fpgm"], subset_size=20, subset_shards=2, shard_batch_size=10,
+                      target="latency", target_latency_reduction=0.3, step_latency=0.1, round_to=8)
     torch.manual_seed(0)
     net = PrunableNetwork.create(R20)
     widths = []
@@ -177,7 +177,7 @@ def test_latency_target_stops_at_the_target_with_rounded_widths(fashion_train):
     reductions = [1 - r.table[0]["latency_ms_before"] / model.original_ms for r in results[1:]]
     assert all(r < 0.3 for r in reductions)  # no round started after the target was reached
     final = 1 - layer_sum(net, model.table["layers"]) / layer_sum(PrunableNetwork.create(R20), model.table["layers"])
-    assert 0.3 <= final < 0.3 + 0.05
+    assert 0.3 <= final < 0.3 + 0.1 and len(results) >= 3
     assert all(rounded(w, net.original_widths, 8) for w in widths)
     chosen = [row for r in results for row in r.table if row["chosen"]]
     assert all(row["latency_ms_after"] < row["latency_ms_before"] for row in chosen)

@@ -18,7 +18,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ from .evaluate import accuracy_sums, evaluate, summarise
 from .momentum import load_momentum, momentum_by_name, removed_indices, slice_momentum
 from ..pruning.steps import macs_removed
 from .schedule import ScheduleState, epoch_done, learning_rate, next_action
+
+if TYPE_CHECKING:
+    from ..latency_table import LatencyModel
 
 # Test hook: with this variable set in the driver's environment, the coordinator exits abruptly
 # (os._exit) right after checkpointing round N, as a killed job would.
@@ -169,7 +172,7 @@ class Worker:
             if self.monitor is not None:
                 self.monitor.close()
 
-    def _latency_model(self):
+    def _latency_model(self) -> "LatencyModel | None":
         """Every rank: the run's latency table (loaded, or measured by the coordinator, who broadcasts it)."""
         from ..latency_table import LatencyModel, run_table
 
@@ -343,6 +346,8 @@ class Worker:
         final_dir = save_slim_model(final_net, self.run_dir / FINAL_DIR)
         final = measure_slim_model(final_dir, self.config, self.device)
         self.state.add_time("final_eval", time.perf_counter() - start)
+        _say(f"[laasp] final (epoch {selected}): val top1 {final['val_top1']:.4f}, test top1 {final['test_top1']:.4f}"
+              f", FLOPs -{final_net.macs_reduction:.2%}")
         from ..latency_table import latency_summary
 
         with self._timed("latency"):
