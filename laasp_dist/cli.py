@@ -9,7 +9,8 @@ import sys
 from .errors import LaaspError
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
-COMMANDS = ["models", "flops", "groups", "prune", "run", "evaluate", "report", "sweep", "export", "latency", "bench-search"]
+COMMANDS = ["models", "flops", "groups", "prune", "run", "evaluate", "report", "sweep", "export", "latency", "latency-table",
+            "bench-search"]
 
 
 def build_parser() -> argparse.ArgumentParser:

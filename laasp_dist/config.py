@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .storage import Storage, as_storage
@@ -75,6 +75,31 @@ class PruneConfig(Section):
         "(lowest normalised criterion importance removed per FLOP removed, no subset forwards: a global-ranking control)")
     taylor_images: int | None = Field(None, ge=1, description="images of the scoring subset (from its start) in the "
                                       "`taylor` criterion's gradient pass; None: the whole subset")
+    # real speed (docs/latency.md): rounded widths, and a latency target sized by a per-layer latency table
+    round_to: int | Literal["auto"] = Field(
+        "auto", description="keep every group's width a multiple of N; auto: 8 with use_gpu, the CPU's float32 "
+        "vector lanes otherwise (resolved when the run's config is built)")
+    target: Literal["flops", "latency"] = Field("flops", description="what target and steps measure")
+    target_latency_reduction: float = Field(0.35, gt=0, lt=1, description="with target=latency: fraction of the "
+                                            "unpruned network's table-estimated latency to remove")
+    step_latency: float = Field(0.01, gt=0, lt=1, description="with target=latency: estimated latency per candidate")
+    recover_latency: float = Field(0.02, gt=0, lt=1, description="with target=latency: recovery after this much")
+    latency_table: str | None = Field(None, description="a `laasp-dist latency-table` file; none with "
+                                      "target=latency: the run measures one on its own device")
+    latency_batch: int = Field(256, ge=1, description="batch size of the table a run measures itself")
+
+    @field_validator("round_to", mode="before")
+    @classmethod
+    def _round_to(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be a positive integer or 'auto' (got {value!r})")
+
+    def goal(self) -> tuple[float, float, float]:
+        """(target, step, recovery spacing), as fractions of the original FLOPs or estimated latency (`target`)."""
+        if self.target == "latency":
+            return self.target_latency_reduction, self.step_latency, self.recover_latency
+        return self.target_flops_reduction, self.step_flops, self.recover_flops
 
     @model_validator(mode="after")
     def _criteria_known(self) -> "PruneConfig":
@@ -124,6 +149,10 @@ class RunConfig(Section):
             raise ValueError("prune.subset_shards cannot exceed prune.subset_size")
         if (self.prune.taylor_images or 0) > self.prune.subset_size:
             raise ValueError("prune.taylor_images cannot exceed prune.subset_size")
+        if self.prune.round_to == "auto":  # the resolved value is what config.yaml keeps and a resume compares
+            from .latency import resolve_round_to
+
+            self.prune.round_to = resolve_round_to("auto", "cuda" if self.ray.use_gpu else "cpu")
         return self
 
 

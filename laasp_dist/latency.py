@@ -13,11 +13,13 @@ slim time): structured pruning only pays when the second follows the first.
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -26,6 +28,38 @@ from .errors import ConfigError
 from .export import resolve_model_dir
 from .models import create_model
 from .pruning import count_cost, load_slim_model
+from .storage import Storage
+
+
+CUDA_ROUND_TO = 8  # tensor cores take bf16/fp16 channels in multiples of 8 (NVIDIA's performance guide)
+
+
+def cpu_vector_lanes() -> int:
+    """float32 lanes of this CPU's widest vector unit: 16 (AVX-512), 8 (AVX/AVX2), else 4."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    if "avx512f" in flags or capability.startswith("avx512"):
+        return 16
+    if "avx2" in flags or "avx" in flags or capability.startswith("avx"):
+        return 8
+    return 4
+
+
+def resolve_round_to(value: int | str, device: str) -> int:
+    """`round_to` as a number: `auto` is CUDA_ROUND_TO on cuda and the CPU's float32 vector lanes on cpu."""
+    if value == "auto":
+        return CUDA_ROUND_TO if device == "cuda" else cpu_vector_lanes()
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"round_to must be a positive integer or 'auto' (got {value!r})") from None
+    if n < 1:
+        raise ConfigError(f"round_to must be a positive integer or 'auto' (got {value!r})")
+    return n
 
 
 @dataclass(frozen=True)
@@ -65,12 +99,36 @@ def pass_times_ms(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, w
     return times
 
 
+def device_name(device: str) -> str:
+    """The GPU's name on cuda; on cpu the processor's model name (with "cpu" before it)."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"cpu: {model or platform.processor() or platform.machine()}"
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with `threads` intra-op threads (None: leave them), restoring the count afterwards."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _prepare(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
     model = model.eval().to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def benchmark(path: str | Path, batches: list[int], device: str = "cpu", bf16: bool = False,
+def benchmark(path: str | Path | Storage, batches: list[int], device: str = "cpu", bf16: bool = False,
               repeats: int = 20, warmup: int = 3, channels_last: bool | None = None) -> dict[str, Any]:
     """Time the slim model under `path` (run folder or slim-model folder) against its unpruned original."""
     if device not in ("cpu", "cuda"):
@@ -104,6 +162,7 @@ def benchmark(path: str | Path, batches: list[int], device: str = "cpu", bf16: b
         "model": arch.model,
         "input_shape": list(arch.input_shape),
         "device": torch.cuda.get_device_name(dev) if device == "cuda" else "cpu",
+        "device_name": device_name(device),
         "dtype": "bfloat16 (autocast)" if bf16 else "float32",
         "channels_last": channels_last,
         "threads": torch.get_num_threads(),
@@ -136,4 +195,10 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{r['original_images_per_s']:15.1f} {r['slim_images_per_s']:11.1f} "
                      f"{r['speedup']:8.2f}x {1 / macs['ratio']:12.2f}x "
                      f"{r['original_min_ms']:10.2f}/{r['slim_min_ms']:.2f}")
+    est = report.get("table_estimate")
+    if est is not None:
+        measured = next((r["speedup"] for r in report["batches"] if r["batch"] == est["batch"]), None)
+        beside = f"; measured here at batch {est['batch']}: {measured:.2f}x" if measured is not None else ""
+        lines.append(f"latency table ({est['device']}, batch {est['batch']}, {est['precision']}): estimated "
+                     f"{est['original_ms']:.2f} -> {est['slim_ms']:.2f} ms, speed-up {est['speedup']:.2f}x{beside}")
     return "\n".join(lines)

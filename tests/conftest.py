@@ -25,7 +25,8 @@ TINY = {
              "batch_size": 64, "eval_batch_size": 100},
     "train": {"total_epochs": 3, "lr": 0.05, "milestones": [2], "steps_per_epoch": 3, "progress_bar": False},
     "prune": {"start_epoch": 1, "target_flops_reduction": TINY_TARGET, "step_flops": 0.05, "recover_flops": 0.1,
-              "recover_epochs": 1, "subset_size": 100, "subset_shards": 2, "criteria": ["l1", "fpgm"]},
+              "recover_epochs": 1, "subset_size": 100, "subset_shards": 2, "criteria": ["l1", "fpgm"],
+              "round_to": 1, "latency_batch": 8},  # unrounded steps: the landing bound in tests is one channel
     "ray": {"num_workers": 2, "search_workers": 1},
 }
 

@@ -20,7 +20,7 @@ def net_of(seed: int = 0, name: str = "resnet20") -> PrunableNetwork:
 
 def cfg_of(**kw) -> PruneConfig:
     base = dict(criteria=["l1", "fpgm"], subset_size=60, subset_shards=2, shard_batch_size=30,
-                target_flops_reduction=0.05, step_flops=0.02)
+                target_flops_reduction=0.05, step_flops=0.02, round_to=1)  # unrounded steps (rounding: test_latency)
     return PruneConfig(**(base | kw))
 
 

@@ -177,3 +177,60 @@ def test_importance_selection_prunes_without_subset_losses(ray_session, tmp_path
         assert rows["chosen"].sum() == 1 and rows.loc[rows["chosen"], "importance"].iloc[0] == rows["importance"].min()
     winners = json.loads((tmp_path / "run" / "summary.json").read_text())["winners"]
     assert len(winners) == summary["rounds"] and all(w["loss"] is None for w in winners)
+
+
+@pytest.mark.timeout(600)
+def test_latency_target_run_measures_its_table_and_stops_at_the_target(ray_session, tmp_path: Path, capsys) -> None:
+    """No table given: the run measures one on its device, keeps it, prunes by its estimate to the target in
+    widths rounded to 8 after every round, and reports estimated and measured latency."""
+    import copy
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from laasp_dist.cli import main
+    from laasp_dist.latency import device_name
+    from laasp_dist.latency_table import LatencyModel, read_table
+    from laasp_dist.monitoring.report import write_report
+    from laasp_dist.pruning import PrunableNetwork, replay
+
+    target = 0.2
+    cfg = copy.deepcopy(TINY)
+    cfg["prune"] |= {"target": "latency", "target_latency_reduction": target, "step_latency": 0.08,
+                     "recover_latency": 0.16, "round_to": 8, "latency_batch": 8}
+    run = tmp_path / "run"
+    summary = run_job(build_config(cfg), run)
+    table = read_table(run / "latency_table.json")
+    assert table["batch"] == 8 and table["round_to"] == 8 and table["device"]["name"] == device_name("cpu")
+    model = LatencyModel(table)
+    final = load_slim_model(run / "final")
+    net = PrunableNetwork.create(final.arch)
+    reductions = []
+    for record in final.prunes:  # the network after every round, rebuilt from the record
+        replay(net, [record])
+        reductions.append(model.reduction(net))
+        assert all(w % 8 == 0 for w in net.widths().values()), net.widths()
+    assert len(reductions) == summary["rounds"] >= 2
+    assert all(r < target for r in reductions[:-1]) and reductions[-1] >= target  # stopped at the target
+    assert all(w % 8 == 0 for w in json.loads((run / "final" / "spec.json").read_text())["widths"].values())
+    latency = summary["latency"]
+    assert latency["estimated"]["reduction"] == pytest.approx(reductions[-1], rel=1e-9)
+    assert latency["measured"]["batch"] == 8 and latency["measured"]["final_ms"] > 0
+    assert latency["flops_promise"] == pytest.approx(summary["base"]["macs"] / summary["final"]["macs"])
+    assert summary["target"] == "latency" and summary["round_to"] == 8
+    history = pd.read_parquet(run / "history.parquet")
+    assert history["latency_ms_after"].notna().all()
+    assert (history["latency_ms_after"] < history["latency_ms_before"]).all()
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"model/latency_ms_est", "prune/latency_reduction_est", "prune/round_latency_ms_est",
+            "final/speedup_measured", "final/latency_ms_measured"} <= tags
+
+    write_report(run)
+    text = (run / "report" / "summary.txt").read_text()
+    assert "measured speed-up" in text and "FLOPs promise" in text and "table estimate" in text
+    capsys.readouterr()
+    assert main(["latency", str(run), "--batch", "8", "--repeats", "2", "--warmup", "0", "--json"]) == 0
+    est = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["table_estimate"]
+    assert est["batch"] == 8 and est["speedup"] == pytest.approx(latency["estimated"]["speedup"], rel=1e-9)

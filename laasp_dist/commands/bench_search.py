@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     def cfg(search: str, target: float = 0.9) -> PruneConfig:
         return PruneConfig(criteria=criteria, step_flops=args.step_flops, search=search, subset_size=args.subset,
                            subset_shards=args.shards, shard_batch_size=args.chunk, target_flops_reduction=target,
-                           adaptive_confidence=args.confidence, max_prune_ratio=0.75)
+                           adaptive_confidence=args.confidence, max_prune_ratio=0.75,
+                           round_to=1)  # the search benchmark times unrounded steps
 
     rows: list[dict[str, Any]] = []
     results: dict[str, RoundResult] = {}

@@ -8,6 +8,7 @@ import json
 import torch
 
 from ..errors import ConfigError
+from ..latency import resolve_round_to
 from ..pruning import PrunableNetwork, get_criterion, load_slim_model, save_slim_model
 from ..pruning.baseline import prune_by_criterion
 from .common import add_model_args, arch_from_args
@@ -23,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--step-flops", type=float, default=0.01, help="FLOPs removed per step (fraction of original)")
     p.add_argument("--max-prune-ratio", type=float, default=0.75, help="most of a group's channels that may go")
     p.add_argument("--aggregation", choices=["group", "root"], default="group")
+    p.add_argument("--round-to", default="auto", metavar="N|auto",
+                   help="keep every group's width a multiple of N (auto: this machine's CPU default, see "
+                        "docs/latency.md; 1: no rounding)")
     p.add_argument("--seed", type=int, default=0, help="seeds a fresh model's initialisation and `random`")
     p.set_defaults(func=run)
 
@@ -35,16 +39,18 @@ def run(args: argparse.Namespace) -> int:
     if get_criterion(args.criterion).source == "activation":
         raise ConfigError(f"--criterion {args.criterion} is measured on training data (activation gradients), which "
                           f"the prune command does not read: use it in a run's prune.criteria")
+    round_to = resolve_round_to(args.round_to, "cpu")
     torch.manual_seed(args.seed)  # a fresh model's initialisation decides the criterion's ranking
     net = load_slim_model(args.weights) if args.weights else PrunableNetwork.create(arch_from_args(args))
     before = net.cost
     prune_by_criterion(net, args.criterion, args.flops_reduction, step_fraction=args.step_flops,
-                       max_prune_ratio=args.max_prune_ratio, aggregation=args.aggregation, seed=args.seed)
+                       max_prune_ratio=args.max_prune_ratio, aggregation=args.aggregation, seed=args.seed,
+                       round_to=round_to)
     save_slim_model(net, args.out)
     print(json.dumps({
         "model": net.arch.model, "criterion": args.criterion, "out": args.out,
         "macs_before": before.macs, "macs_after": net.cost.macs,
         "params_before": before.params, "params_after": net.cost.params,
-        "flops_reduction": round(net.macs_reduction, 6), "steps": len(net.prunes),
+        "flops_reduction": round(net.macs_reduction, 6), "steps": len(net.prunes), "round_to": round_to,
     }))
     return 0

@@ -62,7 +62,11 @@ def _plot_training(scalars: dict[str, list[tuple[int, float]]], winners: pd.Data
     if "prune/flops_reduction" in scalars:
         xs, ys = zip(*scalars["prune/flops_reduction"])
         twin.step(xs, [100 * y for y in ys], where="post", color="tab:red", label="FLOPs reduction")
-    twin.set_ylabel("FLOPs reduction (%)", color="tab:red")
+    if "prune/latency_reduction_est" in scalars:
+        xs, ys = zip(*scalars["prune/latency_reduction_est"])
+        twin.step(xs, [100 * y for y in ys], ":", where="post", color="tab:purple",
+                  label="latency reduction (table estimate)")
+    twin.set_ylabel("FLOPs / latency reduction (%)", color="tab:red")
     lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     ax.legend(lines, [h.get_label() for h in lines], loc="lower right", fontsize=8)
     ax.set_title(f"accuracy and FLOPs over the run ({len(winners)} pruning rounds)")
@@ -113,8 +117,16 @@ def write_report(run_dir: str | Path | Storage, out_dir: str | Path | Storage | 
 
 def _summary_text(s: dict) -> str:
     before, final = s.get("before_pruning") or {}, s["final_metrics"]
-    return (f"{s['name']}: {s['model']} on {s['dataset']}\n"
+    text = (f"{s['name']}: {s['model']} on {s['dataset']}\n"
             f"MACs {s['base']['macs'] / 1e6:.2f} M -> {s['final']['macs'] / 1e6:.2f} M "
             f"(FLOPs -{s['flops_reduction']:.2%}), params {s['base']['params']} -> {s['final']['params']}\n"
             f"test top-1 before pruning {before.get('test_top1', float('nan')):.4f}, final {final['test_top1']:.4f}"
             f" (val {final['val_top1']:.4f})\n")
+    latency = s.get("latency")
+    if latency:
+        m, e = latency["measured"], latency.get("estimated")
+        text += (f"latency at batch {m['batch']} on {m['device']}: measured speed-up {m['speedup']:.2f}x "
+                 f"({m['base_ms']:.1f} -> {m['final_ms']:.1f} ms, -{m['reduction']:.1%}, load {m['load_avg_1m']}), "
+                 f"FLOPs promise {latency['flops_promise']:.2f}x"
+                 + (f", table estimate {e['speedup']:.2f}x (-{e['reduction']:.1%})" if e else "") + "\n")
+    return text

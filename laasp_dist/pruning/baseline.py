@@ -22,8 +22,12 @@ def prune_by_criterion(
     max_prune_ratio: float = 0.75,
     aggregation: Aggregation = "group",
     seed: int = 0,
+    round_to: int = 1,
 ) -> list[PruneRecord]:
-    """Prune `net` in place until its MACs are down by `target_reduction`; returns the prunes made."""
+    """Prune `net` in place until its MACs are down by `target_reduction`; returns the prunes made.
+
+    With `round_to` N every group's kept width is a multiple of N (see `steps.kept_widths`).
+    """
     if not 0.0 < target_reduction < 1.0:
         raise PruningError(f"FLOPs reduction must be in (0, 1), got {target_reduction}")
     crit = get_criterion(criterion)
@@ -32,7 +36,7 @@ def prune_by_criterion(
     while net.macs_reduction < target_reduction - 1e-12:
         best = None
         for index, group in enumerate(net.groups):
-            k = net.step_size(group, step_fraction, max_prune_ratio, target_reduction)
+            k = net.step_size(group, step_fraction, max_prune_ratio, target_reduction, round_to=round_to)
             if k < 1:
                 continue
             scores = group_importance(group, crit, aggregation, seed=(seed + step) * 100_003 + index)
@@ -42,7 +46,8 @@ def prune_by_criterion(
                 best = (cost, group.name, channels)
         if best is None:
             raise PruningError(
-                f"FLOPs target {target_reduction:.1%} is unreachable with max_prune_ratio={max_prune_ratio}: "
+                f"FLOPs target {target_reduction:.1%} is unreachable with max_prune_ratio={max_prune_ratio}"
+                f"{f' and round_to={round_to}' if round_to > 1 else ''}: "
                 f"stopped at {net.macs_reduction:.1%}")
         made.append(net.prune(best[1], best[2], criterion))
         step += 1

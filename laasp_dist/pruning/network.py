@@ -16,7 +16,7 @@ from .criteria import get_criterion
 from .flops import CostReport, count_cost
 from .groups import ChannelGroup, build_dependency_graph, describe_group, masked, remove_channels, trace_groups
 from .importance import Aggregation, group_importance, least_important
-from .steps import channels_to_reach, removable, step_channels
+from .steps import FLOPS, StepCost, choose_k, kept_widths
 
 
 @dataclass(frozen=True)
@@ -132,15 +132,18 @@ class PrunableNetwork:
         return record
 
     def step_size(self, group: ChannelGroup, step_fraction: float, max_prune_ratio: float,
-                  target_reduction: float | None = None) -> int:
-        """Channels a candidate of `group` removes this round (SPEC 2b, last step trimmed to the target)."""
-        limit = removable(group, self.original_widths[group.name], max_prune_ratio)
-        step_macs = step_fraction * self.base_macs
-        if target_reduction is not None:
-            remaining = (target_reduction - self.macs_reduction) * self.base_macs
-            if remaining <= step_macs:
-                return channels_to_reach(group, remaining, self._cost.layer_macs, limit)
-        return step_channels(group, step_macs, self._cost.layer_macs, limit)
+                  target_reduction: float | None = None, *, round_to: int = 1, cost: StepCost = FLOPS) -> int:
+        """Channels a candidate of `group` removes this round (SPEC 2b, last step trimmed to the target).
+
+        `step_fraction` and `target_reduction` are fractions of the original network's `cost`
+        (MACs by default, or table-estimated latency); the kept width stays a multiple of
+        `round_to` and within `max_prune_ratio`. 0: the group may not lose anything now.
+        """
+        ks = group.width - kept_widths(group.width, self.original_widths[group.name], max_prune_ratio, round_to)
+        if not len(ks):
+            return 0
+        remaining = None if target_reduction is None else target_reduction - cost.reduction(self)
+        return choose_k(ks, cost.removed(self, group, ks), step_fraction, remaining)
 
     def candidates(
         self,
@@ -152,6 +155,8 @@ class PrunableNetwork:
         aggregation: Aggregation = "group",
         seed: int = 0,
         statistics: Mapping[str, torch.Tensor] | None = None,
+        round_to: int = 1,
+        cost: StepCost = FLOPS,
     ) -> list[Candidate]:
         """Every (group × criterion) candidate of this round, in group order then criterion order.
 
@@ -160,7 +165,7 @@ class PrunableNetwork:
         pool = [get_criterion(c) for c in criteria]
         out = []
         for index, group in enumerate(self._groups):
-            k = self.step_size(group, step_fraction, max_prune_ratio, target_reduction)
+            k = self.step_size(group, step_fraction, max_prune_ratio, target_reduction, round_to=round_to, cost=cost)
             if k < 1:
                 continue
             for criterion in pool:

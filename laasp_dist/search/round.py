@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,11 +31,15 @@ import torch
 from ..config import PruneConfig
 from ..errors import ConfigError, DataError, PruningError
 from ..pruning import Candidate, PrunableNetwork, get_criterion
+from ..latency import resolve_round_to
 from ..pruning.importance import scored_members, taylor_statistics
-from ..pruning.steps import macs_removed
+from ..pruning.steps import FLOPS, StepCost, macs_removed
 from .executors import Executor, LocalExecutor, Task
 from .scoring import ScoreOptions, first_blocks
 from .subset import SearchSubset, Shard, calibration_shard
+
+if TYPE_CHECKING:
+    from ..latency_table import LatencyModel
 
 
 @dataclass(frozen=True)
@@ -172,9 +176,23 @@ def plan_tasks(candidates: Sequence[Candidate], indices: Sequence[int], shards: 
 # ------------------------------------------------------------------------------------------- the round
 
 
+def step_cost(cfg: PruneConfig, latency: LatencyModel | None) -> StepCost:
+    """What this config's steps and target are measured in: FLOPs, or `latency`'s estimate with target=latency."""
+    if cfg.target != "latency":
+        return FLOPS
+    if latency is None:
+        raise ConfigError("prune.target=latency needs a latency table (prune.latency_table, or a run measures one)")
+    return latency
+
+
+def round_to_of(cfg: PruneConfig) -> int:
+    """`cfg.round_to` as a number (a run's config has it resolved; a bare PruneConfig's `auto` means this CPU)."""
+    return resolve_round_to(cfg.round_to, "cpu")
+
+
 def round_candidates(net: PrunableNetwork, cfg: PruneConfig, subset: SearchSubset | None = None, *,
-                     round_index: int = 0, seed: int = 0) -> list[Candidate]:
-    """This round's candidates (validated criteria; the last step trimmed to the target).
+                     round_index: int = 0, seed: int = 0, latency: LatencyModel | None = None) -> list[Candidate]:
+    """This round's candidates (validated criteria; rounded widths; the last step trimmed to the target).
 
     An `activation` criterion (`taylor`) first measures its statistics on the network as it
     is now, with one gradient pass over `subset` (the first `cfg.taylor_images` images).
@@ -187,9 +205,10 @@ def round_candidates(net: PrunableNetwork, cfg: PruneConfig, subset: SearchSubse
             raise PruningError(f"criteria {cfg.criteria} include a data-driven one (taylor), which needs the "
                                f"scoring subset")
         statistics = activation_statistics(net, subset, cfg)
-    return net.candidates(cfg.criteria, cfg.step_flops, cfg.max_prune_ratio,
-                          target_reduction=cfg.target_flops_reduction, aggregation=cfg.aggregation,
-                          seed=seed * 1_000_003 + round_index, statistics=statistics)
+    target, step, _ = cfg.goal()
+    return net.candidates(cfg.criteria, step, cfg.max_prune_ratio, target_reduction=target,
+                          aggregation=cfg.aggregation, seed=seed * 1_000_003 + round_index, statistics=statistics,
+                          round_to=round_to_of(cfg), cost=step_cost(cfg, latency))
 
 
 def activation_statistics(net: PrunableNetwork, subset: SearchSubset, cfg: PruneConfig) -> dict[str, torch.Tensor]:
@@ -208,7 +227,8 @@ def activation_statistics(net: PrunableNetwork, subset: SearchSubset, cfg: Prune
 
 def search_round(net: PrunableNetwork, subset: SearchSubset, cfg: PruneConfig, round_index: int = 0,
                  executor: Executor | None = None, *, seed: int = 0, options: ScoreOptions | None = None,
-                 candidates: Sequence[Candidate] | None = None) -> RoundResult:
+                 candidates: Sequence[Candidate] | None = None,
+                 latency: LatencyModel | None = None) -> RoundResult:
     """Pick this round's candidate by `cfg.selection` and return the winner and the full table.
 
     `loss` (LAASP): every candidate is scored on the subset with `cfg.search`; the lowest
@@ -222,19 +242,22 @@ def search_round(net: PrunableNetwork, subset: SearchSubset, cfg: PruneConfig, r
     so that every rank scores the same one. `executor` defaults to an in-process one over
     `subset` with `options` (default: chunks of `cfg.shard_batch_size`); a given executor
     brings its own options. `seconds` covers scoring and reduction, not building the
-    candidate list.
+    candidate list. With a `latency` model (needed for `cfg.target == "latency"`) the
+    table rows carry every candidate's estimated latency before and after.
     """
     evaluator = get_evaluator(cfg.search)
     if len(subset) == 0:
         raise DataError("the scoring subset is empty")
     calibration = calibration_shard(subset, cfg.bn_recalibration)
     if candidates is None:
-        candidates = round_candidates(net, cfg, subset, round_index=round_index, seed=seed)
+        candidates = round_candidates(net, cfg, subset, round_index=round_index, seed=seed, latency=latency)
     candidates = list(candidates)
     if not candidates:
         raise PruningError(f"round {round_index}: no group can lose another channel within max_prune_ratio "
-                           f"{cfg.max_prune_ratio}; the target is unreachable")
+                           f"{cfg.max_prune_ratio} (round_to {round_to_of(cfg)}) and cut the {cfg.target} "
+                           f"estimate; the target is unreachable")
     macs = net.cost.macs
+    latency_ms = latency.estimate_ms(net) if latency is not None else None
     removed = [macs_removed(net.group(c.group), c.k, net.cost.layer_macs) for c in candidates]
     per_flop = np.array([c.importance / max(r / net.base_macs * 100.0, 1e-12) for c, r in zip(candidates, removed)])
     start = time.perf_counter()
@@ -248,11 +271,13 @@ def search_round(net: PrunableNetwork, subset: SearchSubset, cfg: PruneConfig, r
     seconds = time.perf_counter() - start
     table = []
     for i, cand in enumerate(candidates):
+        saved_ms = float(latency.removed_ms(net, net.group(cand.group), [cand.k])[0]) if latency is not None else None
         table.append({
             "round": round_index, "group": cand.group, "criterion": cand.criterion, "k": cand.k,
             "channels": list(cand.channels), "loss": float(means[i]), "importance": float(per_flop[i]),
             "shards_seen": shards_seen[i], "images_seen": int(images[i]), "chosen": i == winner,
             "macs_before": int(macs), "macs_after": int(round(macs - removed[i])),
+            "latency_ms_before": latency_ms, "latency_ms_after": None if latency_ms is None else latency_ms - saved_ms,
         })
     return RoundResult(round_index, candidates[winner], float(means[winner]), table, seconds, int(macs),
                        evaluator.name if cfg.selection == "loss" else "importance", int(images.sum()))

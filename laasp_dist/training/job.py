@@ -26,6 +26,7 @@ from typing import Any
 
 from ..config import RunConfig, load_config, save_config
 from ..errors import ConfigError, DataError, LaaspError
+from ..latency_table import given_run_table, keep_run_table
 from ..runtime import ensure_ray
 from ..pruning import PrunableNetwork
 from ..search import check_search_inputs, read_subset
@@ -176,10 +177,13 @@ def run_job(config: RunConfig, out: str | Path | Storage | None = None, resume: 
         print(f"laasp-dist: warning: {message}", file=sys.stderr)
     splits = load_splits(config)
     check_sizes(config, splits)
+    arch = arch_of(config, splits)
+    latency = given_run_table(config, storage, arch)  # the run folder's, or prune.latency_table, checked
     storage.check_writable()
     save_config(config, storage.child(CONFIG_FILE))
     subset = build_subset_dir(config, splits, storage.child(SUBSET_DIR))
-    check_search_inputs(PrunableNetwork.create(arch_of(config, splits)), read_subset(subset), config.prune)
+    keep_run_table(storage, latency)
+    check_search_inputs(PrunableNetwork.create(arch), read_subset(subset), config.prune, latency)
     del splits
     setup_s = time.perf_counter() - start
 

@@ -21,7 +21,7 @@ statistics (``taylor``'s gradients) could differ in the last bits between device
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from ..search.round import round_candidates
 from ..search.subset import Shard
 from ..storage import Storage
 from . import sync
+
+if TYPE_CHECKING:
+    from ..latency_table import LatencyModel
 
 
 def executor_kind(config: RunConfig) -> str:
@@ -97,14 +100,16 @@ class Searcher:
         """Whether every rank takes part in a round (else the coordinator alone)."""
         return self.kind == "ranks"
 
-    def run(self, net: PrunableNetwork, index: int) -> RoundResult:
+    def run(self, net: PrunableNetwork, index: int, latency: LatencyModel | None = None) -> RoundResult:
         """One round; with ``ranks``, every rank calls this and gets rank 0's candidate list."""
         p, seed = self.config.prune, self.config.seed
         candidates = None
         if self.all_ranks:
-            mine = round_candidates(net, p, self.subset, round_index=index, seed=seed) if self.rank == 0 else None
+            mine = (round_candidates(net, p, self.subset, round_index=index, seed=seed, latency=latency)
+                    if self.rank == 0 else None)
             candidates = sync.broadcast(mine, device=self.device)
-        return search_round(net, self.subset, p, index, self.executor, seed=seed, candidates=candidates)
+        return search_round(net, self.subset, p, index, self.executor, seed=seed, candidates=candidates,
+                            latency=latency)
 
     def close(self) -> None:
         self.executor.close()

@@ -5,7 +5,9 @@ Phases, in order:
 - ``pretrain``: train epochs 0 .. prune.start_epoch-1;
 - ``prune``: search/apply rounds until about ``recover_flops`` have gone since the last
   recovery (at least ``recover_flops - step_flops/2``: a step only lands near its size),
-  or the target is reached;
+  or the target is reached; with ``prune.target: latency`` the same in the table-estimated
+  latency (``target_latency_reduction``, ``step_latency``, ``recover_latency``), the
+  caller passing the estimated latency reduction as ``reduction``;
 - ``recover``: train ``recover_epochs`` epochs (ordinary epochs of the LR schedule),
   then back to ``prune`` — or, once the target is reached, on to
 - ``finetune``: train up to ``train.total_epochs``;
@@ -46,24 +48,27 @@ def learning_rate(config: RunConfig, epoch: int) -> float:
 
 
 def estimated_prune_epochs(config: RunConfig) -> int:
-    """Epochs the pruning phase needs: one recovery per started ``recover_flops`` chunk of the target."""
-    p = config.prune
-    chunks = math.ceil(p.target_flops_reduction / p.recover_flops - EPS)
-    return chunks * p.recover_epochs
+    """Epochs the pruning phase needs: one recovery per started recovery chunk of the target."""
+    target, _, recover = config.prune.goal()
+    return math.ceil(target / recover - EPS) * config.prune.recover_epochs
 
 
 def schedule_warnings(config: RunConfig) -> list[str]:
     """Problems worth a warning (not an error) before a run starts."""
     out = []
-    need = config.prune.start_epoch + estimated_prune_epochs(config)
+    p = config.prune
+    target, step, recover = p.goal()
+    unit = "estimated latency" if p.target == "latency" else "FLOPs"
+    need = p.start_epoch + estimated_prune_epochs(config)
     if need > config.train.total_epochs:
         out.append(
-            f"pruning to {config.prune.target_flops_reduction:.0%} needs about {need} epochs "
+            f"pruning {unit} by {target:.0%} needs about {need} epochs "
             f"({config.prune.start_epoch} before pruning + {estimated_prune_epochs(config)} of recovery), more than "
             f"train.total_epochs={config.train.total_epochs}: the run will go on until the target is reached and recovered")
-    if config.prune.recover_flops < config.prune.step_flops:
-        out.append(f"prune.recover_flops ({config.prune.recover_flops}) is below prune.step_flops "
-                   f"({config.prune.step_flops}): every round is followed by a recovery")
+    if recover < step:
+        kind = "latency" if p.target == "latency" else "flops"
+        out.append(f"prune.recover_{kind} ({recover}) is below prune.step_{kind} ({step}): "
+                   f"every round is followed by a recovery")
     return out
 
 
@@ -75,7 +80,7 @@ class ScheduleState:
     epoch: int = 0  # next epoch to train
     rounds: int = 0  # search rounds done
     recover_left: int = 0  # recovery epochs still to train in the current recovery
-    reduction_at_recovery: float = 0.0  # MACs reduction when the last recovery started
+    reduction_at_recovery: float = 0.0  # reduction (in the target's unit) when the last recovery started
     target_reached: bool = False
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -95,8 +100,10 @@ def next_action(state: ScheduleState, config: RunConfig, reduction: float) -> st
 
     Returns one of ``"train"`` (train epoch ``state.epoch``), ``"round"`` (one search/apply
     round), ``"before_pruning"`` (measure the unpruned model, then pruning starts) or ``"done"``.
+    ``reduction`` is measured in the unit of ``prune.target`` (FLOPs, or estimated latency).
     """
     p, t = config.prune, config.train
+    target, step, recover = p.goal()
     while True:
         if state.phase == "pretrain":
             if state.epoch < p.start_epoch:
@@ -104,10 +111,10 @@ def next_action(state: ScheduleState, config: RunConfig, reduction: float) -> st
             state.phase = "prune"
             return "before_pruning"
         if state.phase == "prune":
-            reached = reduction >= p.target_flops_reduction - EPS
-            # steps are only about step_flops each: recover once the next step would overshoot the
-            # recover_flops mark by more than we are short of it
-            chunk_done = reduction - state.reduction_at_recovery >= p.recover_flops - p.step_flops / 2 - EPS
+            reached = reduction >= target - EPS
+            # steps are only about one step each: recover once the next step would overshoot the
+            # recovery mark by more than we are short of it
+            chunk_done = reduction - state.reduction_at_recovery >= recover - step / 2 - EPS
             if reached or chunk_done:
                 state.target_reached = reached
                 state.phase = "recover"

@@ -22,7 +22,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,8 @@ from .momentum import load_momentum, momentum_by_name, removed_indices, slice_mo
 from ..pruning.steps import macs_removed
 from .schedule import ScheduleState, epoch_done, learning_rate, next_action
 
+if TYPE_CHECKING:
+    from ..latency_table import LatencyModel
 FINAL_DIR = "final"
 SUMMARY = "summary.json"
 HISTORY = "history.parquet"
@@ -101,6 +103,7 @@ class Worker:
         self.started_as = "start"
         self.monitor = None
         self.searcher = None
+        self.latency = None  # the run's LatencyModel (every rank), when it has a latency table
 
     # ------------------------------------------------------------------ setup and model installation
 
@@ -167,9 +170,10 @@ class Worker:
         self.state = ScheduleState.from_dict(payload["schedule"])
         self.install(payload, payload["started_as"])
         del payload
+        self.latency = self._latency_model()
         try:
             while True:
-                action = next_action(self.state, self.config, self.net.macs_reduction)
+                action = next_action(self.state, self.config, self._reduction())
                 if action == "done":
                     break
                 if action == "train":
@@ -187,6 +191,24 @@ class Worker:
                 self.searcher.close()
             if self.monitor is not None:
                 self.monitor.close()
+
+    def _latency_model(self) -> "LatencyModel | None":
+        """Every rank: the run's latency table (loaded, or measured by the coordinator, who broadcasts it)."""
+        from ..latency_table import LatencyModel, run_table
+
+        table = run_table(self.config, self.storage, self.arch, self.device, _say) if self.coordinator else None
+        table = sync.broadcast(table, device=self.device)
+        return LatencyModel(table) if table is not None else None
+
+    def _reduction(self) -> float:
+        """Progress towards the target, in its unit (FLOPs, or estimated latency)."""
+        return self.latency.reduction(self.net) if self.config.prune.target == "latency" else self.net.macs_reduction
+
+    def _latency_scalars(self) -> dict[str, float]:
+        if self.latency is None:
+            return {}
+        ms = self.latency.estimate_ms(self.net)
+        return {"latency_ms_est": ms, "latency_reduction_est": 1 - ms / self.latency.original_ms}
 
     @contextmanager
     def _timed(self, phase: str) -> Iterator[None]:
@@ -239,12 +261,14 @@ class Worker:
             cost = self.net.cost
             row = {"epoch": epoch, "phase": phase, "lr": lr, "train_loss": train["loss"], "train_top1": train["top1"],
                    "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"], "macs": cost.macs,
-                   "params": cost.params, "flops_reduction": self.net.macs_reduction}
+                   "params": cost.params, "flops_reduction": self.net.macs_reduction} | self._latency_scalars()
             self.epochs.append(row)
             self.monitor.scalars(epoch, {
                 "train/loss": train["loss"], "train/top1": train["top1"], "val/loss": val["loss"],
                 "val/top1": val["top1"], "val/top5": val["top5"], "lr": lr, "model/macs": cost.macs,
-                "model/params": cost.params, "prune/flops_reduction": self.net.macs_reduction})
+                "model/params": cost.params, "prune/flops_reduction": self.net.macs_reduction,
+                "model/latency_ms_est": row.get("latency_ms_est"),
+                "prune/latency_reduction_est": row.get("latency_reduction_est")})
             if phase == "recover" and self.state.recover_left == 0:
                 self.monitor.widths(epoch, self.net.original_widths, self.net.widths(),
                                     f"after recovery, {self.net.macs_reduction:.1%} FLOPs removed")
@@ -276,7 +300,7 @@ class Worker:
         all_ranks = executor_kind(self.config) == "ranks"
         if self.searcher is None and (self.coordinator or all_ranks):  # built at the first round
             self.searcher = Searcher(self.config, self.storage.child(SUBSET_DIR), self.device, self.rank, self.world)
-        result = self.searcher.run(self.net, index) if (self.coordinator or all_ranks) else None
+        result = self.searcher.run(self.net, index, self.latency) if (self.coordinator or all_ranks) else None
         if self.coordinator:
             winner = result.winner
             group = self.net.group(winner.group)
@@ -296,15 +320,17 @@ class Worker:
                       "loss": float(result.loss) if measured else None, "importance": chosen["importance"],
                       "channel_flops_share": channel_macs, "macs": cost.macs,
                       "params": cost.params, "flops_reduction": self.net.macs_reduction,
-                      "candidates": len(result.table), "seconds": float(result.seconds)}
+                      "candidates": len(result.table), "seconds": float(result.seconds)} | self._latency_scalars()
             self.rounds.append(record)
             self.monitor.round(index, winner.group, winner.criterion, float(result.loss), self.net.macs_reduction)
             self.monitor.scalars(index, {"prune/round_macs": cost.macs, "prune/round_params": cost.params,
-                                         "prune/round_seconds": result.seconds})
+                                         "prune/round_seconds": result.seconds,
+                                         "prune/round_latency_ms_est": record.get("latency_ms_est")})
             why = f"subset loss {result.loss:.4f}" if measured else f"importance {chosen['importance']:.4g} per % FLOPs"
+            latency = f", est. latency -{record['latency_reduction_est']:.2%}" if self.latency else ""
             _say(f"[laasp] round {index}: {winner.criterion} removes {len(winner.channels)} of {winner.group} "
                   f"({why}, {len(result.table)} candidates, {result.seconds:.1f} s) "
-                  f"-> FLOPs -{self.net.macs_reduction:.2%}")
+                  f"-> FLOPs -{self.net.macs_reduction:.2%}{latency}")
         payload = sync.broadcast(payload, device=self.device)
         self.state.rounds += 1
         self.install(payload, f"round {self.state.rounds}")
@@ -361,11 +387,22 @@ class Worker:
         else:
             final_net = network_from_spec(network_spec(self.net), _cpu_state(self.net.model))
             selected = self.state.epoch - 1
-        final = measure_slim_model(save_slim_model(final_net, self.storage.child(FINAL_DIR)), self.config,
-                                   self.device)
+        final_dir = self.storage.child(FINAL_DIR)
+        final = measure_slim_model(save_slim_model(final_net, final_dir), self.config, self.device)
         self.state.add_time("final_eval", time.perf_counter() - start)
         _say(f"[laasp] final (epoch {selected}): val top1 {final['val_top1']:.4f}, test top1 {final['test_top1']:.4f}"
               f", FLOPs -{final_net.macs_reduction:.2%}")
+        from ..latency_table import latency_summary
+
+        with self._timed("latency"):
+            latency = latency_summary(self.latency, final_dir, self.device, self.config)
+        measured, estimated = latency["measured"], latency["estimated"]
+        self.monitor.scalars(self.state.epoch, {"final/latency_ms_measured": measured["final_ms"],
+                                                "final/speedup_measured": measured["speedup"],
+                                                "final/latency_ms_est": estimated and estimated["final_ms"]})
+        _say(f"[laasp] latency at batch {measured['batch']}: measured speed-up {measured['speedup']:.2f}x "
+             f"(-{measured['reduction']:.1%}), FLOPs promise {latency['flops_promise']:.2f}x"
+             + (f", table estimate {estimated['speedup']:.2f}x" if estimated else ""))
         self.monitor.widths(self.state.epoch, final_net.original_widths, final_net.widths(),
                             f"final: {final_net.macs_reduction:.1%} FLOPs removed")
         self.monitor.scalars(self.state.epoch, {"final/val_top1": final["val_top1"],
@@ -384,13 +421,17 @@ class Worker:
             "flops_reduction": final_net.macs_reduction,
             "params_reduction": 1 - final_net.cost.params / base_params if base_params else None,
             "target_flops_reduction": self.config.prune.target_flops_reduction,
+            "target": self.config.prune.target, "round_to": self.config.prune.round_to,
+            "target_latency_reduction": (self.config.prune.target_latency_reduction
+                                         if self.config.prune.target == "latency" else None),
+            "latency": latency,
             "before_pruning": self.before,
             "final_metrics": {**final, "selected_epoch": selected, "selected_by": "best held-out val top-1 "
                               "after the target was reached" if self.best is not None else "last epoch"},
             "epochs": self.state.epoch, "rounds": self.state.rounds, "resumed": self.resumed,
             "restarts": self.restarts,
-            "winners": [{k: r[k] for k in ("round", "group", "criterion", "k", "loss", "flops_reduction")}
-                        for r in self.rounds],
+            "winners": [{k: r[k] for k in ("round", "group", "criterion", "k", "loss", "flops_reduction",
+                                           "latency_reduction_est") if k in r} for r in self.rounds],
             "phase_seconds": {k: round(v, 3) for k, v in self.state.phase_seconds.items()},
             "sync_checks": self.sync_checks,
         }
