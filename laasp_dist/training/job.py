@@ -2,7 +2,8 @@
 
 1. check the run folder (a new run needs an empty or missing folder; ``--resume`` needs
    a checkpoint and the same config, ``ray.*`` aside) and the data, before Ray starts;
-2. save the resolved ``config.yaml`` beside the run;
+   an image folder is listed and checked here, once (``--resume`` reads the index back);
+2. save the resolved ``config.yaml`` beside the run, and an image folder's data index;
 3. draw the scoring subset once and store it as Parquet shards (``subset/``);
 4. start an embedded Ray (no ``ray.address``) or connect to the cluster;
 5. run ``TorchTrainer(train_loop_per_worker=train_worker)`` — DDP on gloo (CPU) or
@@ -26,7 +27,7 @@ from ..runtime import ensure_ray
 from ..pruning import PrunableNetwork
 from ..search import check_search_inputs, read_subset
 from .checkpoint import CHECKPOINT_DIR, CheckpointError, checkpoint_path, load_checkpoint
-from .data import load_splits, subset_source
+from .data import INDEX_FILE, build_data_index, load_splits, read_data_index, subset_source, write_data_index
 from .schedule import schedule_warnings
 from .worker import CRASH_ENV, SUMMARY, arch_of, train_worker
 
@@ -142,10 +143,17 @@ def run_job(config: RunConfig, out_dir: str | Path | None = None, resume: bool =
     check_run_dir(run_dir, config, resume)
     for message in schedule_warnings(config):
         print(f"laasp-dist: warning: {message}", file=sys.stderr)
-    splits = load_splits(config)
+    index, new_index = None, False
+    if config.data.dataset == "image_folder":  # listed once per run; ranks and resumes read the index
+        new_index = not (resume and (run_dir / INDEX_FILE).is_file())
+        index = build_data_index(config) if new_index else read_data_index(run_dir)
+    splits = load_splits(config, index=index)
     check_sizes(config, splits)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / CONFIG_FILE)
+    if new_index:
+        write_data_index(run_dir, index)
+    del index
     subset_dir = build_subset_dir(config, splits, run_dir / SUBSET_DIR)
     check_search_inputs(PrunableNetwork.create(arch_of(config, splits)), read_subset(subset_dir), config.prune)
     del splits

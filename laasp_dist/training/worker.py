@@ -76,7 +76,7 @@ class Worker:
         self.config, self.run_dir, self.subset_dir = config, run_dir, subset_dir
         self.rank, self.world, self.device = rank, world, device
         self.coordinator = rank == 0
-        self.splits = load_splits(config)
+        self.splits = load_splits(config, run_dir)
         self.data = RankData(self.splits, config, rank, world, device)
         self.arch = arch_of(config, self.splits)
         self.gpu = device.type == "cuda"
@@ -317,7 +317,7 @@ class Worker:
             final_net = network_from_spec(network_spec(self.net), _cpu_state(self.net.model))
             selected = self.state.epoch - 1
         final_dir = save_slim_model(final_net, self.run_dir / FINAL_DIR)
-        final = measure_slim_model(final_dir, self.config, self.device)
+        final = measure_slim_model(final_dir, self.config, self.device, run_dir=self.run_dir)
         self.state.add_time("final_eval", time.perf_counter() - start)
         _say(f"[laasp] final (epoch {selected}): val top1 {final['val_top1']:.4f}, test top1 {final['test_top1']:.4f}"
               f", FLOPs -{final_net.macs_reduction:.2%}")
@@ -382,17 +382,18 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     write_history([SimpleNamespace(table=rows)], path)
 
 
-def measure_slim_model(model_dir: str | Path, config: RunConfig, device: torch.device | str = "cpu"
-                       ) -> dict[str, Any]:
+def measure_slim_model(model_dir: str | Path, config: RunConfig, device: torch.device | str = "cpu", *,
+                       run_dir: str | Path | None = None) -> dict[str, Any]:
     """Load a slim model from its folder alone and measure it on the run's val and test splits (one process).
 
-    This is how summary.json's final accuracy is produced, and how anyone can re-check it.
+    This is how summary.json's final accuracy is produced, and how anyone can re-check it. Image folders:
+    the splits come from the data index of `run_dir` (default: the folder holding `model_dir`).
     """
     from .data import eval_loader
 
     net = load_slim_model(model_dir)
     model = net.model.to(device)
-    splits = load_splits(config)
+    splits = load_splits(config, Path(model_dir).parent if run_dir is None else run_dir)
     out: dict[str, Any] = {"macs": net.cost.macs, "params": net.cost.params}
     for split in ("val", "test"):
         loader = eval_loader(getattr(splits, split), splits, config, config.data.eval_batch_size, device=device)
