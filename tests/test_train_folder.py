@@ -1,19 +1,53 @@
-"""The job on an ImageNet-layout folder of real JPEGs: DALI's CPU pipeline, sharded over 2 Ray Train workers."""
+"""The job on an ImageNet-layout folder of real JPEGs: DALI's CPU pipeline, sharded over 2 Ray Train workers.
+
+The folder is listed and checked once, by the driver; every other process (the Train ranks, the final
+measurement on rank 0, a resumed run, `laasp-dist evaluate`) must read the run's data index instead. To
+check that, every Python process that Ray (or the test) starts loads a `sitecustomize` that records each
+Python-level listing or opening of a path under the data folders (an audit hook; chmod would not do,
+tests may run as root). DALI's own C++ reads of the images are expected and not seen by the hook.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from data_pipelines import scan_image_folder  # noqa: E402
 from laasp_dist.config import build_config  # noqa: E402
 from laasp_dist.errors import DataError  # noqa: E402
-from laasp_dist.training import measure_slim_model, run_job  # noqa: E402
+from laasp_dist.training import TrainingError, measure_slim_model, run_job  # noqa: E402
+from laasp_dist.training.data import INDEX_FILE  # noqa: E402
+from laasp_dist.training.worker import CRASH_ENV  # noqa: E402
+
+AUDIT_HOOK = '''
+import os
+import sys
+
+_roots = tuple(r for r in os.environ.get("LAASP_TEST_AUDIT_ROOTS", "").split(os.pathsep) if r)
+if _roots:
+    _fd = os.open(os.environ["LAASP_TEST_AUDIT_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    _events = {"open", "os.listdir", "os.scandir", "glob.glob", "glob.glob/2", "pathlib.Path.glob",
+               "pathlib.Path.rglob"}
+
+    def _audit(event, args):
+        if event in _events and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            path = os.fsdecode(os.path.abspath(args[0]))
+            if path.startswith(_roots):
+                os.write(_fd, f"{os.getpid()} {event} {path}\\n".encode())
+
+    sys.addaudithook(_audit)
+'''
 
 
 def _config(root: Path) -> dict:
@@ -29,22 +63,97 @@ def _config(root: Path) -> dict:
     }
 
 
-@pytest.mark.timeout(300)
-def test_job_on_a_jpeg_folder_through_dali(jpeg_folder: Path, tmp_path: Path) -> None:
+def _accesses(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.fixture(scope="module")
+def audited(jpeg_folder: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One Ray session whose processes record Python-level access to the data folder (and to a copy of it)."""
     pytest.importorskip("nvidia.dali")
     import ray
 
+    hooks = tmp_path_factory.mktemp("audit")
+    (hooks / "sitecustomize.py").write_text(AUDIT_HOOK)
+    moved = Path(shutil.copytree(jpeg_folder, tmp_path_factory.mktemp("mounted") / "data"))
+    log = hooks / "access.log"
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH")) if p),
+           "LAASP_TEST_AUDIT_ROOTS": os.pathsep.join((str(jpeg_folder), str(moved))),
+           "LAASP_TEST_AUDIT_LOG": str(log)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # Ray's processes inherit the driver's environment at ray.init
     ray.init(num_cpus=3, include_dashboard=False)
     try:
-        summary = run_job(build_config(_config(jpeg_folder)), tmp_path / "run")
+        # the hook works inside Ray's workers: a listing there is recorded
+        ray.get(ray.remote(scan_image_folder).remote(jpeg_folder / "val"))
+        assert any(f"os.scandir {jpeg_folder}/val" in line for line in _accesses(log))
+        log.write_text("")
+        yield SimpleNamespace(log=log, moved=moved, env=dict(os.environ))
     finally:
         ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def full_run(audited, jpeg_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("full") / "run"
+    return out, run_job(build_config(_config(jpeg_folder)), out)
+
+
+@pytest.fixture(scope="module")
+def resumed_run(audited, jpeg_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The same run killed right after round 1 (before the fine-tuning epoch), then resumed."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    os.environ[CRASH_ENV] = "1"
+    try:
+        with pytest.raises(TrainingError):
+            run_job(build_config(_config(jpeg_folder)), out)
+    finally:
+        del os.environ[CRASH_ENV]
+    return out, run_job(build_config(_config(jpeg_folder)), out, resume=True)
+
+
+@pytest.mark.timeout(600)
+def test_job_on_a_jpeg_folder_through_dali(full_run: tuple[Path, dict], jpeg_folder: Path) -> None:
+    run_dir, summary = full_run
     assert summary["flops_reduction"] >= 0.08 and summary["rounds"] >= 1
     assert summary["final_metrics"]["test_images"] == 50  # the folder's val/ (test) is reported in full
     assert summary["final_metrics"]["val_images"] == 20
-    again = measure_slim_model(tmp_path / "run" / "final", build_config(_config(jpeg_folder)))
+    again = measure_slim_model(run_dir / "final", build_config(_config(jpeg_folder)))
     assert again["test_top1"] == summary["final_metrics"]["test_top1"]
-    assert json.loads((tmp_path / "run" / "subset" / "manifest.json").read_text())["num_classes"] == 11
+    assert json.loads((run_dir / "subset" / "manifest.json").read_text())["num_classes"] == 11
+    assert (run_dir / INDEX_FILE).is_file()
+
+
+@pytest.mark.timeout(900)
+def test_a_resumed_run_reads_the_same_batches(full_run: tuple[Path, dict], resumed_run: tuple[Path, dict]) -> None:
+    (full_dir, full), (resumed_dir, resumed) = full_run, resumed_run
+    assert resumed["resumed"] == 1 and resumed["winners"] == full["winners"]
+    # the fine-tuning epoch ran in the resumed run's fresh pipelines, in the full run's pipelines built at
+    # epoch 0: identical weights mean identical batches (order, crops, flips)
+    a = torch.load(full_dir / "final" / "weights.pt", weights_only=True)
+    b = torch.load(resumed_dir / "final" / "weights.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["final_metrics"]["val_loss"] == full["final_metrics"]["val_loss"]
+
+
+@pytest.mark.timeout(900)
+def test_ranks_resume_and_evaluate_never_list_or_open_the_data_folder(
+    audited, full_run: tuple[Path, dict], resumed_run: tuple[Path, dict]
+) -> None:
+    run_dir, summary = full_run
+    assert _accesses(audited.log) == [], "a Ray process listed or opened the data folder"
+    # `laasp-dist evaluate` on the data set mounted elsewhere: the index, re-rooted, and DALI only
+    out = subprocess.run([sys.executable, "-m", "laasp_dist.cli", "evaluate", str(run_dir), "--data",
+                          str(audited.moved)], env=audited.env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    measured = json.loads(out.stdout)
+    assert measured["test_top1"] == summary["final_metrics"]["test_top1"] and measured["test_images"] == 50
+    assert _accesses(audited.log) == [], "evaluate listed or opened the data folder"
 
 
 def test_missing_folder_is_a_data_error_before_ray(tmp_path: Path) -> None:
