@@ -255,7 +255,7 @@ class _EpochFeed:
         idx = self.indices(epoch)[start : start + self.batch_size]
         paths = [self.files[i] for i in idx]
         self.recent.append(paths)
-        encoded = [np.frombuffer(p.encode(), dtype=np.uint8) for p in paths]
+        encoded = [np.frombuffer(os.fsencode(p), dtype=np.uint8) for p in paths]
         labels = [self.labels[i : i + 1] for i in idx]
         if not self.train:
             return encoded, labels

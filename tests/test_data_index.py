@@ -15,7 +15,14 @@ import torchvision.io
 from torchvision.transforms.v2 import functional as TF
 
 from data_pipelines import DaliImageIterator, ImageFolder, scan_image_folder, split_image_folder, stratified_sample
-from data_pipelines.image_folder import CROP_ATTEMPTS, IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_windows
+from data_pipelines.image_folder import (
+    CROP_ATTEMPTS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    _build_pipeline,
+    _EpochFeed,
+    random_resized_crop_windows,
+)
 from laasp_dist.config import build_config, load_config
 from laasp_dist.errors import ConfigError, DataError
 from laasp_dist.training.data import (
@@ -215,6 +222,28 @@ def test_training_format_fp16_channels_last(photos: ImageFolder) -> None:
     assert x16.shape == x32.shape == (4, 3, 48, 48) and x16.dtype == torch.float16
     assert x16.is_contiguous(memory_format=torch.channels_last) and not x16.is_contiguous()
     assert torch.equal(y16, y32) and torch.allclose(x16.float(), x32, atol=4e-3)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("train", [True, False])
+def test_gpu_pipeline_graph_is_well_formed(photos: ImageFolder, train: bool) -> None:
+    """CPU counterpart of the GPU test below: DALI checks every operator's arguments and the devices of its
+    inputs while the graph is defined, so defining the "mixed"/GPU graph catches wiring errors without a GPU."""
+    feed = _EpochFeed(photos, 4, train, 0, 1, 0, 0, None)
+    assert _build_pipeline(feed, 64, 0, 1, torch.float16, True) is not None
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for DALI's mixed (nvJPEG) decoding")
+def test_gpu_batches_match_the_cpu_pipeline(photos: ImageFolder) -> None:
+    kw = dict(image_size=64, seed=5, num_threads=2)
+    for train in (True, False):
+        cpu = _epoch(DaliImageIterator(photos, 4, train=train, device_id=None, **kw))
+        gpu = _epoch(DaliImageIterator(photos, 4, train=train, device_id=0, dtype=torch.float16,
+                                       channels_last=True, **kw))
+        for (x, y), (u, v) in zip(cpu, gpu):
+            assert u.is_cuda and u.dtype == torch.float16 and u.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(y, v.cpu()) and (x - u.float().cpu()).abs().mean() < 0.03  # nvJPEG vs libjpeg
 
 
 # ----------------------------------------------------------------------------------------- scoring subset
