@@ -313,18 +313,23 @@ def _build_pipeline(feed: _EpochFeed, image_size: int, device_id: int | None, nu
 
 
 def _dali_failure(exc: RuntimeError, feed: _EpochFeed) -> DataError | None:
-    """A one-line DataError naming the file when DALI could not read or decode one, else None."""
+    """A one-line DataError naming the file when DALI could not read or decode one, else None.
+
+    DALI names the sample's position in its batch at best ("Failed to decode sample #i"; not at all for a
+    file that is no image), so the files of the last batches fed are decoded again to find the culprit.
+    """
     text = str(exc)
     if m := re.search(r"File mapping failed: (.+)", text):
         return DataError(f"DALI could not read {m.group(1).strip()}: is data.root the data set the run indexed?")
-    m = re.search(r"Failed to decode sample #(\d+)", text)
-    if not m:
+    if not re.search(r"fn\.(decoders\.|peek_image_shape)", text):
         return None
-    i = int(m.group(1))
-    suspects = [paths[i] for paths in feed.recent if i < len(paths)]
-    culprits = [p for p in suspects if check_image_file(p, "decode")] or suspects
-    return DataError(f"DALI could not decode {_listing(culprits)}: set data.verify=decode to find every such "
-                     "file before training (and data.skip_bad=true to leave them out).")
+    m = re.search(r"Failed to decode sample #(\d+)", text)
+    at = int(m.group(1)) if m else None
+    suspects = list(dict.fromkeys(p for paths in feed.recent for i, p in enumerate(paths) if at in (None, i)))
+    culprits = [p for p in suspects if check_image_file(p, "decode")]
+    what = _listing(culprits) if culprits else f"one of {_listing(suspects)}"
+    return DataError(f"DALI could not decode {what}: set data.verify=decode to find every such file before "
+                     "training (and data.skip_bad=true to leave them out).")
 
 
 class DaliImageIterator:
@@ -383,7 +388,12 @@ class DaliImageIterator:
                                 self.seed, epoch, self.max_batches)
         pipe = _build_pipeline(self._feed, self.image_size, self.device_id, self.num_threads, self.dtype,
                                self.channels_last)
-        self._dali = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=True)
+        try:  # DALI runs the first batches right away
+            self._dali = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=True)
+        except RuntimeError as exc:
+            if (error := _dali_failure(exc, self._feed)) is None:
+                raise
+            raise error from None
         self.epoch = epoch  # the epoch the next iteration serves
         self._started = False
 

@@ -149,6 +149,17 @@ def test_truncated_jpeg_is_caught_by_verify_or_by_dali_without_hanging(val_copy:
             pass
 
 
+@pytest.mark.timeout(60)
+def test_a_file_left_unchecked_by_verify_none_is_named_when_dali_fails_on_it(val_copy: Path) -> None:
+    bad = val_copy / "03_dress" / "zz_notes.jpg"
+    bad.write_bytes(b"not an image\n")
+    folder = scan_image_folder(val_copy, verify="none")  # listing only: nothing was opened
+    assert str(bad) in folder.files and len(folder) == 51
+    with pytest.raises(DataError, match=f"DALI could not decode {bad}: set data.verify=decode"):
+        for _ in DaliImageIterator(folder, 17, train=True, image_size=32, num_threads=1):  # 3 batches, all files
+            pass
+
+
 @pytest.mark.timeout(10)
 def test_missing_root_no_classes_and_foreign_class_folders(tmp_path: Path, val_copy: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
