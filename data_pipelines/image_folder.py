@@ -9,6 +9,7 @@ and a pipeline built for epoch e reads exactly what a pipeline running since epo
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import warnings
@@ -88,14 +89,24 @@ def check_image_file(path: str, verify: Verify) -> str | None:
     return None
 
 
-def _scan_class(folder: str, verify: Verify) -> tuple[list[str], list[str | None]]:
-    """One class folder's files (sorted; hidden entries and sub-folders left out) and each file's problem."""
+def _scan_class(folder: str, verify: Verify) -> tuple[list[str], list[str]]:
+    """One class folder's usable files (sorted; hidden entries and sub-folders left out) and a
+    "<path> <problem>" line for each unusable one."""
     try:
         with os.scandir(folder) as entries:
             files = sorted(e.path for e in entries if not e.name.startswith(".") and e.is_file())
     except (FileNotFoundError, NotADirectoryError):
         return [], []
-    return files, [check_image_file(f, verify) for f in files]
+    if verify == "none":
+        return files, []
+    kept, bad = [], []
+    for f in files:
+        why = check_image_file(f, verify)
+        if why:
+            bad.append(f"{f} {why}")
+        else:
+            kept.append(f)
+    return kept, bad
 
 
 def _listing(paths: Sequence[str], limit: int = 5) -> str:
@@ -142,12 +153,12 @@ def scan_image_folder(
         )
     with ThreadPoolExecutor(num_workers) as pool:
         scanned = list(pool.map(_scan_class, [str(root / n) for n in names], [verify] * len(names)))
-    bad = [f"{f} {why}" for files, problems in scanned for f, why in zip(files, problems) if why]
+    bad = [line for _, lines in scanned for line in lines]
     if bad and not skip_bad:
         raise DataError(f"{bad[0]}; remove it, or set data.skip_bad=true to leave such files out.")
     if bad:
         warnings.warn(f"Skipped {len(bad)} unusable file(s) under {root}: {_listing(bad)}.", stacklevel=2)
-    kept = [[f for f, why in zip(files, problems) if not why] for files, problems in scanned]
+    kept = [files for files, _ in scanned]
     empty = [str(root / n) for n, files in zip(names, kept) if not files]
     if empty and (not skip_bad or len(empty) == len(names)):
         raise DataError(f"Class folder {empty[0]} has no usable images.")
@@ -155,8 +166,8 @@ def scan_image_folder(
         warnings.warn(
             f"{len(empty)} class folder(s) under {root} have no usable images: {_listing(empty)}.", stacklevel=2
         )
-    files = tuple(f for fs in kept for f in fs)
-    labels = np.concatenate([np.full(len(fs), i, dtype=np.int64) for i, fs in enumerate(kept)])
+    files = tuple(itertools.chain.from_iterable(kept))
+    labels = np.repeat(np.arange(len(names), dtype=np.int64), [len(fs) for fs in kept])
     return ImageFolder(root, names, files, labels)
 
 
