@@ -267,13 +267,12 @@ class _EpochFeed:
         paths = [self.files[i] for i in idx]
         self.recent.append(paths)
         encoded = [np.frombuffer(os.fsencode(p), dtype=np.uint8) for p in paths]
-        labels = [self.labels[i : i + 1] for i in idx]
+        labels = self.labels[idx].reshape(-1, 1)  # dense arrays: one batch, one copy
         if not self.train:
             return encoded, labels
         rng = np.random.default_rng([self.seed, epoch, self.shard_id, info.iteration])
         draws = rng.random((len(idx), 2 * CROP_ATTEMPTS + 3), dtype=np.float32)
-        mirror = (draws[:, -1] < 0.5).astype(np.int32)
-        return encoded, labels, list(draws[:, :-1]), [mirror[i : i + 1] for i in range(len(idx))]
+        return encoded, labels, draws[:, :-1].copy(), (draws[:, -1:] < 0.5).astype(np.int32)
 
 
 def _build_pipeline(feed: _EpochFeed, image_size: int, device_id: int | None, num_threads: int,
