@@ -179,11 +179,12 @@ def _run_with(checkout: Path, *args: str) -> dict:
     """One sub-command of this script in a fresh process, with `checkout` first on PYTHONPATH."""
     env = {**os.environ, "PYTHONPATH": str(checkout), "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
-    proc = subprocess.run([sys.executable, str(HERE), *args], env=env, capture_output=True, text=True,
-                          cwd=checkout)
-    if proc.returncode:
-        raise SystemExit(f"{checkout}: {' '.join(args)} failed: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    for attempt in range(2):  # on a saturated box Ray can time out while starting; one retry
+        proc = subprocess.run([sys.executable, str(HERE), *args], env=env, capture_output=True, text=True,
+                              cwd=checkout)
+        if not proc.returncode:
+            return {**json.loads(proc.stdout.strip().splitlines()[-1]), "attempts": attempt + 1}
+    raise SystemExit(f"{checkout}: {' '.join(args)} failed: {proc.stderr.strip()[-2000:]}")
 
 
 def compare_dali(root: Path, before: Path, after: Path, repeats: int, threads: int) -> dict:
