@@ -61,12 +61,19 @@ class Splits:
     exclude: np.ndarray | None  # indices of train_pool the subset may not use
 
 
-def _limit(data: Any, limit: int | None, seed: int) -> Any:
+def _limit_indices(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """Positions of a stratified sample of `limit` of `labels` (``train_limit``/``test_limit``), or all of them."""
     from data_pipelines.splits import stratified_sample
 
+    if limit is None or limit >= len(labels):
+        return np.arange(len(labels))
+    return stratified_sample(labels, limit, seed)
+
+
+def _limit(data: Any, limit: int | None, seed: int) -> Any:
     if limit is None or limit >= len(data):
         return data
-    return data.subset(stratified_sample(data.labels, limit, seed))
+    return data.subset(_limit_indices(np.asarray(data.labels), limit, seed))
 
 
 def load_splits(config: RunConfig, run_dir: str | Path | None = None, *, index: FolderIndex | None = None
@@ -113,21 +120,15 @@ def build_data_index(config: RunConfig) -> FolderIndex:
     (``test_limit``). Done once per run, by the driver."""
     from data_pipelines.folder_index import FolderIndex
     from data_pipelines.image_folder import scan_image_folder
-    from data_pipelines.splits import stratified_sample, stratified_split
+    from data_pipelines.splits import stratified_split
 
     d = config.data
     root = _folder_root(config)
     full = scan_image_folder(root / "train", skip_bad=d.skip_bad, verify=d.verify)
     test = scan_image_folder(root / "val", classes=full.classes, skip_bad=d.skip_bad, verify=d.verify)
-
-    def limited(idx: np.ndarray, labels: np.ndarray, limit: int | None) -> np.ndarray:
-        if limit is None or limit >= len(idx):
-            return idx
-        return idx[stratified_sample(labels[idx], limit, config.seed + LIMIT_SEED_OFFSET)]
-
     train_idx, val_idx = stratified_split(full.labels, holdout_amount(d.val_size), config.seed)
-    train_idx = limited(train_idx, full.labels, d.train_limit)
-    test_idx = limited(np.arange(len(test)), test.labels, d.test_limit)
+    train_idx = train_idx[_limit_indices(full.labels[train_idx], d.train_limit, config.seed + LIMIT_SEED_OFFSET)]
+    test_idx = _limit_indices(test.labels, d.test_limit, config.seed + LIMIT_SEED_OFFSET)
     return FolderIndex.from_folders(root, [(full, {"train": train_idx, "val": val_idx}), (test, {"test": test_idx})],
                                     {"verify": d.verify, "skip_bad": d.skip_bad, "indexed_root": str(root)})
 
