@@ -3,13 +3,12 @@
 from data_pipelines.image_folder import (
     DaliImageIterator,
     ImageFolder,
-    build_dali_pipeline,
     scan_image_folder,
     split_image_folder,
 )
 from data_pipelines.loaders import ArrayLoader
 from data_pipelines.small_images import SMALL_DATASETS, ImageArrays, load_small_dataset
-from data_pipelines.splits import stratified_sample, stratified_split
+from data_pipelines.splits import epoch_shard, stratified_sample, stratified_split
 
 __all__ = [
     "SMALL_DATASETS",
@@ -17,7 +16,7 @@ __all__ = [
     "DaliImageIterator",
     "ImageArrays",
     "ImageFolder",
-    "build_dali_pipeline",
+    "epoch_shard",
     "load_small_dataset",
     "scan_image_folder",
     "split_image_folder",

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from data_pipelines.small_images import ImageArrays
+from data_pipelines.splits import epoch_shard
 from laasp_dist.errors import DataError
 
 
@@ -80,13 +81,8 @@ class ArrayLoader:
 
     def indices(self) -> np.ndarray:
         """This rank's sample indices for the current epoch, in the order they are served."""
-        n = len(self.data)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(n)
-            order = order[: n - n % self.world_size]
-        else:
-            order = np.arange(n)
-        return order[self.rank :: self.world_size]
+        return epoch_shard(len(self.data), self.rank, self.world_size, seed=self.seed, epoch=self.epoch,
+                           shuffle=self.shuffle)
 
     def _num_samples(self) -> int:
         n = len(self.data)

@@ -103,3 +103,20 @@ def stratified_split(labels: LabelsLike, holdout: int | float, seed: int) -> tup
     keep = np.ones(len(lab), dtype=bool)
     keep[held] = False
     return np.flatnonzero(keep).astype(np.int64), held
+
+
+def epoch_shard(n: int, rank: int, world_size: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """One rank's sample indices for one epoch, in the order they are served (DistributedSampler-like).
+
+    Shuffled: every rank draws the same permutation of range(n) from (seed, epoch), cut to a multiple of
+    `world_size` (fewer than `world_size` samples, different ones each epoch, sit out), and takes every
+    `world_size`-th one starting at `rank`: shards are disjoint and equal in size. Not shuffled: range(n)
+    from `rank` in steps of `world_size`: the shards cover every sample once (sizes may differ by one).
+    A pure function of its arguments, so any process can compute any epoch's shard.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank must lie in [0, world_size), got rank {rank} of {world_size}.")
+    if not shuffle:
+        return np.arange(rank, n, world_size, dtype=np.int64)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[: n - n % world_size][rank::world_size]

@@ -37,6 +37,9 @@ class DataConfig(Section):
     eval_batch_size: int = Field(256, ge=1)
     num_threads: int = Field(2, ge=1, description="DALI threads per worker")
     skip_bad: bool = Field(False, description="skip corrupt/non-image files and empty classes with a warning")
+    verify: Literal["none", "header", "decode"] = Field(
+        "header", description="image_folder: how the driver checks each file when it indexes the folder once: "
+        "none (listing only), header (JPEG/PNG signature), decode (a full decode; catches truncated files)")
 
 
 class TrainConfig(Section):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -81,12 +83,58 @@ def jpeg_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+# Loaded as `sitecustomize` by the Ray session's processes: records Python-level access to the data folders.
+AUDIT_HOOK = '''
+import os
+import sys
+
+_roots = tuple(r for r in os.environ.get("LAASP_TEST_AUDIT_ROOTS", "").split(os.pathsep) if r)
+if _roots:
+    _fd = os.open(os.environ["LAASP_TEST_AUDIT_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    _events = {"open", "os.listdir", "os.scandir", "glob.glob", "glob.glob/2", "pathlib.Path.glob",
+               "pathlib.Path.rglob"}
+
+    def _audit(event, args):
+        if event in _events and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            path = os.fsdecode(os.path.abspath(args[0]))
+            if path.startswith(_roots):
+                os.write(_fd, f"{os.getpid()} {event} {path}\\n".encode())
+
+    sys.addaudithook(_audit)
+'''
+
+
 @pytest.fixture(scope="session")
-def ray_session():
-    """One embedded Ray for every in-process Ray test (3 logical CPUs: 2 Train workers + 1 search actor)."""
+def data_audit(jpeg_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A `sitecustomize` audit hook logging Python-level listing/opening of the JPEG folder (and of a copy of it,
+    `moved`): `env` puts it into processes started with it. See test_train_folder."""
+    hooks = tmp_path_factory.mktemp("audit")
+    (hooks / "sitecustomize.py").write_text(AUDIT_HOOK)
+    moved = Path(shutil.copytree(jpeg_folder, tmp_path_factory.mktemp("mounted") / "data"))
+    log = hooks / "access.log"
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH")) if p),
+           "LAASP_TEST_AUDIT_ROOTS": os.pathsep.join((str(jpeg_folder), str(moved))),
+           "LAASP_TEST_AUDIT_LOG": str(log)}
+    return SimpleNamespace(log=log, moved=moved, env={**os.environ, **env}, extra=env)
+
+
+@pytest.fixture(scope="session")
+def ray_session(data_audit: SimpleNamespace):
+    """One embedded Ray for every in-process Ray test (3 logical CPUs: 2 Train workers + 1 search actor).
+
+    Its processes carry the data audit hook (they inherit the driver's environment at ray.init)."""
     import ray
 
-    ray.init(num_cpus=3, include_dashboard=False)
+    saved = {k: os.environ.get(k) for k in data_audit.extra}
+    os.environ.update(data_audit.extra)
+    try:
+        ray.init(num_cpus=3, include_dashboard=False)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     yield
     ray.shutdown()
 

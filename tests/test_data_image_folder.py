@@ -1,4 +1,4 @@
-"""ImageNet-style folders: up-front validation, and DALI's CPU pipeline on real JPEGs written by make_folder."""
+"""ImageNet-style folders: listing and checking once, and DALI's CPU pipeline on real JPEGs written by make_folder."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision.io
 
-from data_pipelines import DaliImageIterator, ImageFolder, build_dali_pipeline, scan_image_folder, split_image_folder
+from data_pipelines import DaliImageIterator, ImageFolder, scan_image_folder, split_image_folder
 from data_pipelines.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from laasp_dist.errors import DataError
 
@@ -24,14 +24,15 @@ def val_copy(jpeg_folder: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(jpeg_folder / "val", tmp_path / "val"))
 
 
-def _dali_labels(pipe) -> list[int]:
-    """All labels one epoch of a built DALI pipeline yields, through the PyTorch plugin."""
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+def _traceable(folder: ImageFolder) -> ImageFolder:
+    """The same files, each labelled with its own index, to trace which file a batch holds."""
+    n = len(folder)
+    return ImageFolder(folder.root, tuple(str(i) for i in range(n)), folder.files, np.arange(n))
 
-    it = DALIGenericIterator(
-        pipe, ["images", "labels"], reader_name="Reader", last_batch_policy=LastBatchPolicy.PARTIAL
-    )
-    return [v for batch in it for v in batch[0]["labels"].view(-1).tolist()]
+
+def _labels(it: DaliImageIterator) -> list[int]:
+    """All labels of one epoch of `it`."""
+    return [v for _, y in it for v in y.tolist()]
 
 
 @pytest.mark.timeout(30)
@@ -42,7 +43,7 @@ def test_scan_sorts_classes_and_files_and_val_reuses_train_ids(jpeg_folder: Path
     for label, name in enumerate(train.classes):
         files = [f for f, y in zip(train.files, train.labels) if y == label]
         assert files == sorted(files) and all(Path(f).parent.name == name for f in files)
-    val = scan_image_folder(jpeg_folder / "val", classes=train.classes, verify=True)
+    val = scan_image_folder(jpeg_folder / "val", classes=train.classes, verify="decode")
     assert val.classes == train.classes and np.bincount(val.labels).tolist() == [4] * 10 + [10]
     fit, held = split_image_folder(train, 0.25, seed=0)
     assert len(fit) + len(held) == 90 and not set(fit.files) & set(held.files)
@@ -52,14 +53,16 @@ def test_scan_sorts_classes_and_files_and_val_reuses_train_ids(jpeg_folder: Path
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("train", [False, True])
 def test_dali_shards_of_two_ranks_do_not_overlap(jpeg_folder: Path, train: bool) -> None:
-    folder = scan_image_folder(jpeg_folder / "val")
-    ids = list(range(len(folder)))  # label each file with its own index to trace it
-    seen = [
-        _dali_labels(build_dali_pipeline(folder.files, ids, 8, train, 32, shard, 2, None, seed=3, num_threads=1))
-        for shard in (0, 1)
-    ]
-    assert [len(s) for s in seen] == [25, 25]  # the iterator drops the reader's last-batch padding
-    assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == ids
+    folder = _traceable(scan_image_folder(jpeg_folder / "val"))
+    iters = [DaliImageIterator(folder, 8, train=train, image_size=32, shard_id=s, num_shards=2, seed=3, num_threads=1)
+             for s in (0, 1)]
+    for _ in range(2):  # two epochs from the same pipelines
+        seen = [_labels(it) for it in iters]
+        assert not set(seen[0]) & set(seen[1])
+        if train:  # 25 images per shard, whole batches of 8 only
+            assert [len(s) for s in seen] == [24, 24] and len(set(seen[0] + seen[1])) == 48
+        else:  # every image exactly once, the last batch partial
+            assert sorted(seen[0] + seen[1]) == list(range(50))
 
 
 @pytest.mark.timeout(60)
@@ -70,17 +73,18 @@ def test_dali_eval_iterator_returns_normalised_nchw_in_shard_order(jpeg_folder: 
         for s in (0, 1)
     ]
     assert iters[0].device_id is None and [len(it) for it in iters] == [4, 4]
-    for _ in range(2):  # two epochs: each rank stays on its shard
+    for _ in range(2):  # two epochs: each rank serves the same, interleaved shard
         batches = [list(it) for it in iters]
         labels = [torch.cat([y for _, y in b]) for b in batches]
         assert labels[0].dtype == torch.int64
-        assert torch.equal(torch.cat(labels), torch.from_numpy(folder.labels)), "each rank reads its contiguous shard"
+        for rank in (0, 1):
+            assert torch.equal(labels[rank], torch.from_numpy(folder.labels[rank::2])), "rank r reads files r, r+2, ..."
     first = batches[0][0][0]
     assert first.shape == (8, 3, 56, 56) and first.dtype == torch.float32
     # 64 x 64 JPEGs: shorter side to round(56 * 256 / 224) = 64 (no change), centre crop 56 = rows/cols 4..59.
     # DALI's CPU decoder and torchvision both use libjpeg-turbo, so the pixels agree exactly.
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    for image, path in zip(first, folder.files):
+    for image, path in zip(first, folder.files[0::2]):
         reference = torchvision.io.decode_image(torchvision.io.read_file(path)).float()[:, 4:60, 4:60] / 255
         assert torch.allclose(image, (reference - mean) / std, atol=1e-4), path
     photos = torch.cat([x for b in batches for x, _ in b])[torch.cat(labels) == 10]
@@ -137,11 +141,22 @@ def test_truncated_jpeg_is_caught_by_verify_or_by_dali_without_hanging(val_copy:
     source = val_copy / "10_photo"
     victim = sorted(source.iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:1500])  # valid JPEG signature, body cut short
-    with pytest.raises(DataError, match=f"{victim} is a corrupt or truncated image"):
-        scan_image_folder(val_copy, verify=True)
+    with pytest.raises(DataError, match=f"{victim} is a corrupt or truncated image.*data.skip_bad=true"):
+        scan_image_folder(val_copy, verify="decode")
     folder = scan_image_folder(val_copy)  # the cheap check only reads the signature
-    with pytest.raises(DataError, match=f"DALI could not decode {victim}"):
+    with pytest.raises(DataError, match=f"DALI could not decode {victim}: set data.verify=decode"):
         for _ in DaliImageIterator(folder, 8, train=False, image_size=32, num_threads=1):
+            pass
+
+
+@pytest.mark.timeout(60)
+def test_a_file_left_unchecked_by_verify_none_is_named_when_dali_fails_on_it(val_copy: Path) -> None:
+    bad = val_copy / "03_dress" / "zz_notes.jpg"
+    bad.write_bytes(b"not an image\n")
+    folder = scan_image_folder(val_copy, verify="none")  # listing only: nothing was opened
+    assert str(bad) in folder.files and len(folder) == 51
+    with pytest.raises(DataError, match=f"DALI could not decode {bad}: set data.verify=decode"):
+        for _ in DaliImageIterator(folder, 17, train=True, image_size=32, num_threads=1):  # 3 batches, all files
             pass
 
 
@@ -153,7 +168,7 @@ def test_missing_root_no_classes_and_foreign_class_folders(tmp_path: Path, val_c
     (tmp_path / "flat" / "img.jpg").write_bytes(b"\xff\xd8\xff")
     with pytest.raises(DataError, match="no class folders"):
         scan_image_folder(tmp_path / "flat")
-    with pytest.raises(DataError, match="not in the given classes: 10_photo"):
+    with pytest.raises(DataError, match="class folders unknown to the training classes: 10_photo"):
         scan_image_folder(
             val_copy, classes=[f"{i:02d}" for i in range(3)] + sorted(p.name for p in val_copy.iterdir())[:-1]
         )

@@ -14,7 +14,8 @@ class UnfinishedRunError(LaaspError):
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="measure a run's final model on its val and test data")
     p.add_argument("run_dir", help="a finished run folder (a local path or a URI such as s3://bucket/run)")
-    p.add_argument("--data", default=None, help="data root to evaluate on instead of the run's data.root")
+    p.add_argument("--data", default=None, help="where the run's data set is now, if not at its data.root "
+                   "(image folders: the run's data index is read with its paths under ROOT)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=run)
 
@@ -31,5 +32,6 @@ def run(args: argparse.Namespace) -> int:
         raise UnfinishedRunError(f"{run} has no final model yet (final/spec.json): the run has not finished")
     overrides = [f"data.root={args.data}"] if args.data else []
     config = load_config(run.child("config.yaml"), overrides)
-    print(json.dumps({"run": run.location, **measure_slim_model(run.child("final"), config, args.device)}, indent=1))
+    measured = measure_slim_model(run.child("final"), config, args.device, run_dir=run)
+    print(json.dumps({"run": run.location, **measured}, indent=1))
     return 0

@@ -4,7 +4,7 @@
    see `laasp_dist.storage` — and check it before Ray starts: a new run needs an empty
    or missing folder, ``--resume`` a checkpoint there and the same config (``ray.*`` aside);
    check the data;
-2. save the resolved ``config.yaml`` beside the run;
+2. save the resolved ``config.yaml`` beside the run, and an image folder's data index;
 3. draw the scoring subset once and store it as Parquet shards (``subset/``);
 4. start an embedded Ray (no ``ray.address``) or connect to the cluster;
 5. run ``TorchTrainer(train_loop_per_worker=train_worker)`` — DDP on gloo (CPU) or NCCL
@@ -32,7 +32,7 @@ from ..pruning import PrunableNetwork
 from ..search import check_search_inputs, read_subset
 from ..storage import Storage, as_storage
 from .checkpoint import CHECKPOINT_DIR, KEEP, latest_state
-from .data import load_splits, subset_source
+from .data import INDEX_FILE, build_data_index, load_splits, read_data_index, subset_source, write_data_index
 from .schedule import schedule_warnings
 from .worker import SUMMARY, arch_of, train_worker
 
@@ -175,12 +175,19 @@ def run_job(config: RunConfig, out: str | Path | Storage | None = None, resume: 
     check_run_dir(storage, config, resume)
     for message in schedule_warnings(config):
         print(f"laasp-dist: warning: {message}", file=sys.stderr)
-    splits = load_splits(config)
+    index, new_index = None, False
+    if config.data.dataset == "image_folder":  # listed once per run; ranks and resumes read the index
+        new_index = not (resume and storage.is_file(INDEX_FILE))
+        index = build_data_index(config) if new_index else read_data_index(storage)
+    splits = load_splits(config, index=index)
     check_sizes(config, splits)
     arch = arch_of(config, splits)
     latency = given_run_table(config, storage, arch)  # the run folder's, or prune.latency_table, checked
     storage.check_writable()
     save_config(config, storage.child(CONFIG_FILE))
+    if new_index:
+        write_data_index(storage, index)
+    del index
     subset = build_subset_dir(config, splits, storage.child(SUBSET_DIR))
     keep_run_table(storage, latency)
     check_search_inputs(PrunableNetwork.create(arch), read_subset(subset), config.prune, latency)

@@ -85,7 +85,7 @@ class Worker:
         self.rank, self.world, self.device = rank, world, device
         self.invocation, self.expect_checkpoint = invocation, expect_checkpoint
         self.coordinator = rank == 0
-        self.splits = load_splits(config)
+        self.splits = load_splits(config, storage)
         self.data = RankData(self.splits, config, rank, world, device)
         self.arch = arch_of(config, self.splits)
         self.gpu = device.type == "cuda"
@@ -388,7 +388,8 @@ class Worker:
             final_net = network_from_spec(network_spec(self.net), _cpu_state(self.net.model))
             selected = self.state.epoch - 1
         final_dir = self.storage.child(FINAL_DIR)
-        final = measure_slim_model(save_slim_model(final_net, final_dir), self.config, self.device)
+        final = measure_slim_model(save_slim_model(final_net, final_dir), self.config, self.device,
+                                   run_dir=self.storage)
         self.state.add_time("final_eval", time.perf_counter() - start)
         _say(f"[laasp] final (epoch {selected}): val top1 {final['val_top1']:.4f}, test top1 {final['test_top1']:.4f}"
               f", FLOPs -{final_net.macs_reduction:.2%}")
@@ -467,17 +468,18 @@ def _write_history(run: Storage, rows: list[dict[str, Any]]) -> None:
     write_history([SimpleNamespace(table=rows)], run.child(HISTORY))
 
 
-def measure_slim_model(model_dir: str | Path | Storage, config: RunConfig, device: torch.device | str = "cpu"
-                       ) -> dict[str, Any]:
+def measure_slim_model(model_dir: str | Path | Storage, config: RunConfig, device: torch.device | str = "cpu", *,
+                       run_dir: str | Path | Storage | None = None) -> dict[str, Any]:
     """Load a slim model from its folder alone and measure it on the run's val and test splits (one process).
 
-    This is how summary.json's final accuracy is produced, and how anyone can re-check it.
+    This is how summary.json's final accuracy is produced, and how anyone can re-check it. Image folders:
+    the splits come from the data index of the run folder `run_dir`.
     """
     from .data import eval_loader
 
     net = load_slim_model(model_dir)
     model = net.model.to(device)
-    splits = load_splits(config)
+    splits = load_splits(config, run_dir)
     out: dict[str, Any] = {"macs": net.cost.macs, "params": net.cost.params}
     for split in ("val", "test"):
         loader = eval_loader(getattr(splits, split), splits, config, config.data.eval_batch_size, device=device)
