@@ -7,7 +7,9 @@ prune, forward), exact fast, adaptive, and the Ray executor with each --workers
 count (one torch thread per worker). Reported: seconds per round, candidates/s,
 speed-up vs reference, whether the winner is the reference's, and the largest
 relative loss difference to the reference. `--agreement TARGET` also runs a whole
-pruning run (exact winners applied) and scores every round adaptively as well.
+pruning run (exact fp32 winners applied) and scores every round a second way as well
+(`--agreement-with`: adaptively, or exact under bf16 autocast), counting the rounds where
+the second way picks the same winner.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -45,7 +48,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=None, help="images per forward (default: --chunk)")
     p.add_argument("--confidence", type=float, default=0.999, help="adaptive: one-sided confidence")
     p.add_argument("--agreement", type=float, default=None,
-                   help="also prune to this FLOPs reduction and count rounds where adaptive picks exact's winner")
+                   help="also prune to this FLOPs reduction and count rounds where the --agreement-with scoring "
+                   "picks exact fp32's winner")
+    p.add_argument("--agreement-with", default="adaptive", choices=["adaptive", "bf16"],
+                   help="what --agreement compares with exact fp32 scoring: adaptive rounds, or exact scoring under "
+                   "bf16 autocast (prune.score_precision=bf16)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of the in-process evaluators (1: 'one CPU'; Ray workers use 1 each)")
     p.add_argument("--seed", type=int, default=0)
@@ -184,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     if 1 in ray_seconds and len(ray_seconds) > 1:
         summary["parallel_efficiency"] = {w: round(ray_seconds[1] / (w * s), 3) for w, s in ray_seconds.items() if w > 1}
     if args.agreement:
-        summary["agreement"] = _agreement(net, subset, cfg, args.agreement, options, args.seed)
+        summary["agreement"] = _agreement(net, subset, cfg, args.agreement, options, args.seed, args.agreement_with)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -192,25 +199,46 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _agreement(net: PrunableNetwork, subset: Any, cfg: Any, target: float, options: Any, seed: int) -> dict[str, Any]:
-    """Prune to `target` applying exact winners; score every round adaptively too and compare."""
+def _agreement(net: PrunableNetwork, subset: Any, cfg: Any, target: float, options: Any, seed: int,
+               against: str = "adaptive") -> dict[str, Any]:
+    """Prune to `target` applying exact fp32 winners; score every round `against` (adaptive | bf16) too and compare.
+
+    Regret = the exact fp32 loss of the other way's winner minus exact's best loss. For bf16 the
+    per-candidate relative loss differences to fp32 (candidates that saw the whole subset) are reported too.
+    """
     from ..search import LocalExecutor, search_round
 
-    ex = LocalExecutor(subset, options)
-    rounds, agree, t_exact, t_adapt, regret = 0, 0, 0.0, 0.0, []
+    ex = LocalExecutor(subset, replace(options, precision="fp32"))
+    other = LocalExecutor(subset, replace(options, precision="bf16")) if against == "bf16" else ex
+    evaluator = "adaptive" if against == "adaptive" else "exact"
+    rounds, agree, t_exact, t_other, regret, rel, per_round = 0, 0, 0.0, 0.0, [], [], []
     while net.macs_reduction < target - 1e-12:
         e = search_round(net, subset, cfg("exact", target), len(net.prunes), ex, seed=seed)
-        a = search_round(net, subset, cfg("adaptive", target), len(net.prunes), ex, seed=seed)
+        a = search_round(net, subset, cfg(evaluator, target), len(net.prunes), other, seed=seed)
         rounds += 1
         agree += a.winner == e.winner
         t_exact += e.seconds
-        t_adapt += a.seconds
+        t_other += a.seconds
         chosen = e.candidates.index(a.winner)
         regret.append(float(e.losses[chosen] - e.loss))
+        full = np.array([r["shards_seen"] for r in a.table]) == subset.num_shards
+        diff = np.abs(a.losses - e.losses)[full] / np.abs(e.losses)[full]
+        rel.append(diff)
+        per_round.append({"round": rounds, "same_winner": a.winner == e.winner, "regret": regret[-1],
+                          "fp32_loss": e.loss, "max_rel_loss_diff": float(diff.max()) if len(diff) else None})
         net.apply(e.winner)
-    return {"target": target, "rounds": rounds, "same_winner": agree, "rate": round(agree / max(rounds, 1), 4),
-            "max_loss_regret": max(regret, default=0.0), "exact_seconds": round(t_exact, 1),
-            "adaptive_seconds": round(t_adapt, 1), "adaptive_speedup": round(t_exact / max(t_adapt, 1e-9), 2)}
+    out = {"against": against, "target": target, "rounds": rounds, "same_winner": agree,
+           "rate": round(agree / max(rounds, 1), 4), "max_loss_regret": max(regret, default=0.0),
+           "max_relative_regret": max((r["regret"] / r["fp32_loss"] for r in per_round), default=0.0),
+           "exact_seconds": round(t_exact, 1), f"{against}_seconds": round(t_other, 1),
+           f"{against}_speedup": round(t_exact / max(t_other, 1e-9), 2)}
+    if against == "bf16":
+        every = np.concatenate(rel) if rel else np.zeros(0)
+        out.update({"max_rel_loss_diff": float(every.max(initial=0.0)),
+                    "median_rel_loss_diff": float(np.median(every)) if len(every) else 0.0,
+                    "p99_rel_loss_diff": float(np.quantile(every, 0.99)) if len(every) else 0.0,
+                    "per_round": per_round})
+    return out
 
 
 def _print(s: dict[str, Any]) -> None:
@@ -227,4 +255,5 @@ def _print(s: dict[str, Any]) -> None:
     if "parallel_efficiency" in s:
         print("parallel efficiency (Ray, vs 1 worker):", s["parallel_efficiency"])
     if "agreement" in s:
-        print("adaptive vs exact over a pruning run:", s["agreement"])
+        a = {k: v for k, v in s["agreement"].items() if k != "per_round"}
+        print(f"{a['against']} vs exact fp32 over a pruning run:", a)

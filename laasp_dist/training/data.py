@@ -7,6 +7,9 @@ Splits are pure functions of the config (data set, ``val_size``, ``train_limit``
 - small images (``fashion_mnist``, ``cifar10``): whole splits in memory
   (``data_pipelines.ImageArrays``), served by ``ArrayLoader`` (sharded by rank, CIFAR
   augmentation for training);
+- ``synthetic``: random uint8 images at ``data.image_size`` (fixed seed), labels cycling over
+  the classes, served like the small images: the training loop's throughput without any
+  decoding, and smoke runs on machines without data;
 - ``image_folder``: ``root/train/<class>/*`` and ``root/val/<class>/*`` through DALI
   (GPU decoding when the rank has a GPU, DALI's CPU pipeline otherwise). The
   training iterator is rebuilt every epoch with a seed derived from (seed, epoch),
@@ -32,6 +35,8 @@ from ..errors import DataError
 
 SUBSET_SEED_OFFSET = 1  # the scoring subset uses seed + 1, the val split seed, train_limit seed + 2
 LIMIT_SEED_OFFSET = 2
+SYNTHETIC_IMAGES = {"train": 4096, "test": 1024}
+SYNTHETIC_CLASSES = 1000
 
 
 def holdout_amount(val_size: float) -> int | float:
@@ -71,7 +76,10 @@ def load_splits(config: RunConfig) -> Splits:
     from data_pipelines.splits import stratified_split
 
     channels = config.model.in_channels
-    if d.dataset == "fashion_mnist":
+    if d.dataset == "synthetic":
+        full, test = (synthetic_arrays(SYNTHETIC_IMAGES[s], config.model.num_classes or SYNTHETIC_CLASSES,
+                                       channels, d.image_size, seed=i) for i, s in enumerate(("train", "test")))
+    elif d.dataset == "fashion_mnist":
         if channels not in (1, 3):
             raise DataError(f"fashion_mnist feeds 1 or 3 input channels, model.in_channels is {channels}")
         full, test = (load_fashion_mnist(s, d.root, channels=channels) for s in ("train", "test"))
@@ -84,6 +92,16 @@ def load_splits(config: RunConfig) -> Splits:
     train = _limit(pool, d.train_limit, config.seed + LIMIT_SEED_OFFSET)
     return Splits("arrays", train, full.subset(val_idx), _limit(test, d.test_limit, config.seed + LIMIT_SEED_OFFSET),
                   full.num_classes, full.images.shape[-1], full.images.shape[1], train, None)
+
+
+def synthetic_arrays(n: int, num_classes: int, channels: int, size: int, seed: int) -> Any:
+    """`n` uniformly random uint8 images (labels 0, 1, …, num_classes-1 in turn), the same for a given seed."""
+    from data_pipelines.small_images import ImageArrays
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g)
+    labels = torch.arange(n, dtype=torch.int64) % num_classes
+    return ImageArrays(images, labels, num_classes, (0.5,) * channels, (0.2887,) * channels)  # uniform: 1/sqrt(12)
 
 
 def _folder_splits(config: RunConfig) -> Splits:

@@ -27,6 +27,7 @@ from ..pruning import PrunableNetwork
 from ..search import check_search_inputs, read_subset
 from .checkpoint import CHECKPOINT_DIR, CheckpointError, checkpoint_path, load_checkpoint
 from .data import load_splits, subset_source
+from .rounds import gpu_shares
 from .schedule import schedule_warnings
 from .worker import CRASH_ENV, SUMMARY, arch_of, train_worker
 
@@ -160,7 +161,7 @@ def run_job(config: RunConfig, out_dir: str | Path | None = None, resume: bool =
     # training ranks wait during a round, so the search actors get the cores
     started = ensure_ray(r.address, r.num_workers * r.cpus_per_worker + r.search_workers, log_to_driver=True)
     try:
-        resources = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}
+        resources = {"CPU": r.cpus_per_worker, **({"GPU": gpu_shares(config)[0]} if r.use_gpu else {})}
         trainer = TorchTrainer(
             train_loop_per_worker=train_worker,
             train_loop_config={"config": config.model_dump(mode="json"), "run_dir": str(run_dir),
