@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections import deque
 from typing import Any, Sequence
 
@@ -231,18 +232,13 @@ class RayExecutor:
 
 
 def _startup_error(exc: Exception) -> LaaspError:
-    """The LaaspError an actor raised while starting (Ray wraps it), or a one-line LaaspError naming the failure."""
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, LaaspError):
-            cls = next(c for c in type(e).__mro__ if issubclass(c, LaaspError) and c.__module__.startswith("laasp_dist"))
-            return cls((str(e).strip().splitlines() or [""])[-1])
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "creation_task_error", None)]
-        info = getattr(e, "error", None) or getattr(e, "_actor_init_failed", None)
-        todo.append(info if isinstance(info, BaseException) else None)
-    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    """The LaaspError an actor raised while starting (Ray hands it back as text), or a one-line LaaspError."""
+    from .. import errors
+
+    found = re.findall(r"laasp_dist\.errors\.(\w+): ([^\n]+)", str(exc))
+    if found:
+        name, message = found[-1]
+        cls = getattr(errors, name, LaaspError)
+        return cls(message.strip()) if isinstance(cls, type) and issubclass(cls, LaaspError) else LaaspError(message)
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return LaaspError(f"search actors failed to start: {lines[-1] if lines else type(exc).__name__}")
