@@ -9,7 +9,9 @@ speed-up vs reference, whether the winner is the reference's, and the largest
 relative loss difference to the reference. `--agreement TARGET` also runs a whole
 pruning run (exact fp32 winners applied) and scores every round a second way as well
 (`--agreement-with`: adaptively, or exact under bf16 autocast), counting the rounds where
-the second way picks the same winner.
+the second way picks the same winner. `--device cuda --image-size 224 --precision bf16`
+time an ImageNet-sized round on a GPU (the Fashion-MNIST subset images resized; with
+`--train-steps 0` the network keeps its random initialisation: timing only).
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of the in-process evaluators (1: 'one CPU'; Ray workers use 1 each)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the in-process evaluators score")
+    p.add_argument("--image-size", type=int, default=32, help="subset images resized to this size (model input)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="scoring arithmetic")
+    p.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -79,6 +85,20 @@ def _warm_up(net: PrunableNetwork, data: Any, steps: int, seed: int) -> float:
         opt.step()
     model.eval()
     return float(loss.detach())
+
+
+def _resized(subset: Any, size: int) -> Any:
+    """The subset with every shard's images resized (bilinear) to size x size."""
+    if size == subset.shards[0].images.shape[-1]:
+        return subset
+    from ..search.subset import SearchSubset, Shard
+
+    def resize(images: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=False)
+        return x.round().clamp_(0, 255).to(torch.uint8)
+
+    shards = tuple(Shard(s.index, resize(s.images), s.labels, s.sample_ids, s.mean, s.std) for s in subset.shards)
+    return SearchSubset(shards, subset.num_classes, subset.seed)
 
 
 def _row(name: str, result: Any, ref: Any, ref_seconds: float | None, ref_name: str = "reference",
@@ -114,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     if any(e not in ("reference", "exact", "adaptive") for e in evaluators):
         raise ConfigError(f"--evaluators takes reference, exact, adaptive (got {args.evaluators})")
+    if args.device == "cuda" and (workers or not torch.cuda.is_available()):
+        raise ConfigError("--device cuda needs a CUDA device and --workers '' (Ray rows time CPU actors)")
+    if args.image_size != 32 and args.train_steps and not args.weights:
+        raise ConfigError("--image-size other than 32 needs --train-steps 0 (warm-up trains on 32x32 images)")
     load_before = os.getloadavg()[0]
     data = load_small_dataset("fashion_mnist", "train")
     torch.manual_seed(args.seed)
@@ -121,14 +145,14 @@ def run(args: argparse.Namespace) -> int:
         net = load_slim_model(args.weights)
         train_loss = None
     else:
-        net = PrunableNetwork.create(Arch(args.model, data.num_classes, 3, 32))
+        net = PrunableNetwork.create(Arch(args.model, data.num_classes, 3, args.image_size))
         train_loss = _warm_up(net, data, args.train_steps, args.seed)
     if args.save_weights:
         save_slim_model(net, args.save_weights)
-    net.model.eval()
+    net.model.eval().to(args.device)
     torch.set_num_threads(args.threads)
-    subset = build_subset(data, args.subset, args.shards, args.seed)
-    options = ScoreOptions(args.chunk, args.max_batch or args.chunk)
+    subset = _resized(build_subset(data, args.subset, args.shards, args.seed), args.image_size).to(args.device)
+    options = ScoreOptions(args.chunk, args.max_batch or args.chunk, args.precision, args.channels_last)
 
     def cfg(search: str, target: float = 0.9) -> PruneConfig:
         return PruneConfig(criteria=criteria, step_flops=args.step_flops, search=search, subset_size=args.subset,
@@ -183,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
             ray.shutdown()
     summary: dict[str, Any] = {
         "model": args.model, "subset": args.subset, "shards": args.shards, "criteria": criteria,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "image_size": args.image_size,
+        "precision": args.precision, "channels_last": args.channels_last,
         "step_flops": args.step_flops, "train_steps": 0 if args.weights else args.train_steps,
         "warm_up_loss": train_loss, "macs": net.cost.macs, "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "machine": platform.machine(), "rows": rows,
@@ -242,8 +268,9 @@ def _agreement(net: PrunableNetwork, subset: Any, cfg: Any, target: float, optio
 
 
 def _print(s: dict[str, Any]) -> None:
-    print(f"{s['model']}: {s['macs'] / 1e6:.1f} M MACs, subset {s['subset']} in {s['shards']} shards, "
-          f"criteria {','.join(s['criteria'])}, warm-up {s['train_steps']} steps")
+    print(f"{s['model']} @ {s['image_size']}px: {s['macs'] / 1e6:.1f} M MACs, subset {s['subset']} in {s['shards']} "
+          f"shards, criteria {','.join(s['criteria'])}, warm-up {s['train_steps']} steps, on {s['device']} "
+          f"({s['precision']}{', channels_last' if s['channels_last'] else ''})")
     print(f"{'method':24s} {'s/round':>9s} {'cand/s':>8s} {'speed-up':>9s} {'same winner':>13s} {'max rel diff':>13s}")
     for r in s["rows"]:
         same = r.get("same_winner")

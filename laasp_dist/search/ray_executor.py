@@ -59,6 +59,12 @@ class SearchWorker:
     def ping(self) -> int:
         return os.getpid()
 
+    def status(self) -> dict[str, Any]:
+        """Where this actor scores and where its shards are held: {device, device_name, shards: {index: device}}."""
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {"device": str(self.device), "device_name": name,
+                "shards": {i: str(s.images.device) for i, s in self._shards.items()}}
+
     def arm_fault(self, at_call: int) -> None:
         """Test hook: the process exits (as a crash would) at the start of its `at_call`-th score call from now."""
         self._fault_at = self._calls + at_call

@@ -240,22 +240,13 @@ class Worker:
             group["lr"] = lr
         batches = self.data.train_batches(epoch)
         self.memory.reset()
-        n = self.numerics
         with self._timed({"pretrain": "pretrain", "recover": "recovery"}.get(phase, "finetune")):
             start = time.perf_counter()
             self.ddp.train()
             sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss and hits stay on the device
             bar = self._bar(len(batches), f"epoch {epoch} ({phase})")
             for step, (x, y) in enumerate(batches, 1):
-                x, y = n.inputs(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
-                with n.autocast():
-                    logits = self.forward(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                with torch.no_grad():
-                    sums += accuracy_sums(logits.detach().float(), y)
+                self.train_step(x, y, sums)
                 if bar is not None:
                     bar.update(1)
                     if step % PROGRESS_EVERY == 0:
@@ -266,7 +257,8 @@ class Worker:
             train = summarise(sums, distributed=True)  # the first host sync of the epoch
             images_per_s = train["images"] / max(time.perf_counter() - start, 1e-9)
         with self._timed("eval"):
-            val = evaluate(self.net.model, self.data.eval_batches("val"), self.device, distributed=True, numerics=n)
+            val = evaluate(self.net.model, self.data.eval_batches("val"), self.device, distributed=True,
+                           numerics=self.numerics)
         peak = self._peak_memory_mib()
         epoch_done(self.state)
         after_target = self.state.target_reached
@@ -291,6 +283,19 @@ class Worker:
             _say(f"[laasp] epoch {epoch} ({phase}) lr {lr:.4g} train loss {train['loss']:.4f} "
                   f"top1 {train['top1']:.4f} | val loss {val['loss']:.4f} top1 {val['top1']:.4f} | "
                   f"FLOPs -{self.net.macs_reduction:.1%} | {images_per_s:.0f} img/s, peak {peak:.0f} MiB")
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, sums: torch.Tensor) -> None:
+        """One optimizer step on a batch; its loss and hits are added to `sums` on the device (no host sync)."""
+        n = self.numerics
+        x, y = n.inputs(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
+        with n.autocast():
+            logits = self.forward(x)
+            loss = F.cross_entropy(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            sums += accuracy_sums(logits.detach().float(), y)
 
     def measure(self, label: str) -> dict[str, Any]:
         """Val and test metrics of the current network (every rank evaluates its shard)."""
