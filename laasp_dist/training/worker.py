@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import os
 import platform
+import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -433,7 +434,7 @@ class Worker:
         speeds = [r["train_images_per_s"] for r in self.epochs if r.get("train_images_per_s")]
         return {"device": str(self.device), "device_name": device_name(self.device), "workers": self.world,
                 **self.numerics.describe(), "compile": self.config.train.compile,
-                "median_train_images_per_s": round(float(sorted(speeds)[len(speeds) // 2]), 1) if speeds else None,
+                "median_train_images_per_s": round(statistics.median(speeds), 1) if speeds else None,
                 "memory": {"measure": self.memory.measure, "unit": "MiB", "epoch_peak": max(epochs, default=None),
                            "round_peak": max(rounds, default=None), "per_round": rounds}}
 
