@@ -125,23 +125,41 @@ def test_synthetic_data_is_seeded_uniform_noise() -> None:
 # ----------------------------------------------------------------------------------------------- install
 
 
-def test_install_after_a_prune_releases_the_old_network_and_keeps_channels_last(tmp_path: Path) -> None:
-    """The coordinator's path of a round, on one CPU rank with channels_last and bf16."""
+@pytest.fixture
+def gloo_rank():
+    """A one-rank gloo process group, as a one-worker Ray Train run has."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_install_after_a_prune_releases_the_old_network_and_keeps_channels_last(tmp_path: Path, gloo_rank) -> None:
+    """The coordinator's path of a round, on one CPU rank (DDP over gloo) with channels_last and bf16."""
+    from torch.nn.parallel import DistributedDataParallel
+
     cfg = config_of(train={"precision": "bf16", "channels_last": True})
     worker = Worker(cfg, tmp_path, tmp_path, 0, 1, torch.device("cpu"))
     worker.install(fresh_payload(worker), "start")
+    assert isinstance(worker.ddp, DistributedDataParallel)  # a one-rank run takes the DDP path too
     batch = next(iter(worker.data.train_batches(0)))
     train_step(worker, batch)
     # every momentum buffer := a copy of its parameter (channels_last as SGD made it): slicing across the
     # prune must then give exactly the pruned parameters
     for p in worker.net.model.parameters():
         worker.optimizer.state[p]["momentum_buffer"] = p.detach().clone()
-    old = [weakref.ref(obj) for obj in (worker.net, worker.net.model, worker.optimizer)]
+    old = [weakref.ref(obj) for obj in (worker.net, worker.net.model, worker.optimizer, worker.ddp)]
     candidate = worker.net.candidates(["l1"], 0.05, 0.75)[2]
     payload = pruned_payload(worker.net, worker.optimizer, candidate, keep_momentum=True)
     worker.install(payload, "round 1")
     del payload
-    assert [ref() for ref in old] == [None, None, None]  # nothing of the previous network survives the install
+    assert [ref() for ref in old] == [None] * 4  # nothing of the previous network survives the install
     four_d = 0
     for name, p in worker.net.model.named_parameters():
         buf = worker.optimizer.state[p]["momentum_buffer"]
