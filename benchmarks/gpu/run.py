@@ -257,12 +257,12 @@ def step_plain(s: Step) -> None:
 def _project_config(z: Sizes, dataset: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": f"throughput-{dataset['dataset']}", "seed": 0, "model": {"name": z.model, "num_classes": 1000},
-        "data": {"image_size": z.image, "val_size": 2 * z.batch if z.device == "cuda" else 16, "test_limit": z.batch,
+        "data": {"image_size": z.image, "val_size": 2 * z.batch if z.device == "cuda" else 8, "test_limit": z.batch,
                  "batch_size": z.batch, "eval_batch_size": z.batch, "num_threads": z.threads, **dataset},
         "train": {"total_epochs": z.project_epochs, "lr": 0.1, "milestones": [], "progress_bar": False,
                   "steps_per_epoch": None if z.device == "cuda" else 2},
         "prune": {"start_epoch": z.project_epochs - 1, "target_flops_reduction": 0.01, "step_flops": 0.01,
-                  "recover_flops": 0.01, "recover_epochs": 0, "subset_size": 64, "subset_shards": 1,
+                  "recover_flops": 0.01, "recover_epochs": 0, "subset_size": 64 if z.device == "cuda" else 4, "subset_shards": 1,
                   "shard_batch_size": z.batch, "criteria": ["l1"]},
         "ray": {"num_workers": 1, "use_gpu": z.device == "cuda", "search_workers": 1, "cpus_per_worker": z.threads},
     }
