@@ -12,8 +12,9 @@ own short table and, last, the table of everything measured so far in this lease
 - ``smoke``: a one-GPU `laasp-dist run` of a short ResNet-20 / Fashion-MNIST job in bf16 +
   channels_last (NCCL, GPU search actors, broadcasts after prunes, checkpoint, summary), then
   `laasp-dist evaluate` on the GPU (the default: the run's own device and precision) and on the CPU.
-- ``plain``: ResNet-50 training images/s of a plain PyTorch loop on synthetic GPU tensors (bf16,
-  channels_last; eager and torch.compile), and the JPEG folder the ``dali`` step reads.
+- ``plain``: ResNet-50 training images/s of a plain PyTorch loop on synthetic GPU tensors
+  (channels_last; bf16 eager, bf16 torch.compile, fp32 eager), and the JPEG folder the ``dali``
+  step reads.
 - ``project``: the same through the project's Ray Train loop (`laasp-dist run` on ``data.dataset:
   synthetic``), images/s of its training epochs.
 - ``tests``: ``pytest -m gpu``.
@@ -187,8 +188,9 @@ def step_smoke(s: Step) -> None:
         s.record["evaluate_cpu"] = s.cli("evaluate", run, "--device", "cpu", timeout=240)
 
 
-def _plain_train(model: Any, batches: Callable[[], Any], steps: int, warmup: int, device: str) -> float:
-    """Images/s of a plain SGD loop (bf16 autocast, channels_last) over `batches()`; warm-up steps untimed."""
+def _plain_train(model: Any, batches: Callable[[], Any], steps: int, warmup: int, device: str,
+                 bf16: bool = True) -> float:
+    """Images/s of a plain SGD loop (bf16 autocast or fp32, channels_last) over `batches()`; warm-up untimed."""
     import torch
     import torch.nn.functional as F
 
@@ -206,7 +208,7 @@ def _plain_train(model: Any, batches: Callable[[], Any], steps: int, warmup: int
             it = batches()
             x, y = next(it)
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -242,11 +244,11 @@ def step_plain(s: Step) -> None:
     x = torch.randn(z.batch, 3, z.image, z.image, device=z.device, generator=g)
     y = torch.randint(0, 1000, (z.batch,), device=z.device, generator=g)
     rows = {}
-    for name, compiled in (("eager", False), ("torch.compile", True)):
+    for name, compiled, bf16 in (("eager", False, True), ("fp32 eager", False, False), ("torch.compile", True, True)):
         t0 = time.perf_counter()
         try:
             rows[name] = round(_plain_train(_model(z, compiled), lambda: iter([(x, y)] * (z.steps + z.warmup)),
-                                            z.steps, z.warmup, z.device), 1)
+                                            z.steps, z.warmup, z.device, bf16), 1)
         except Exception as exc:  # noqa: BLE001 — a failed variant is a result too
             rows[name] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
         s.record[f"{name}_seconds"] = round(time.perf_counter() - t0, 1)
@@ -354,9 +356,9 @@ def report(results: Path) -> str:
     train_speed = None
     if "plain" in r:
         p = r["plain"]["synthetic_images_per_s"]
-        lines.append(f"train img/s, plain loop, synthetic: eager {_fmt(p.get('eager'))}, torch.compile "
-                     f"{_fmt(p.get('torch.compile'))}   (goal >= {GOAL_IMAGES_PER_S}; 798 TFLOP/s / 24.5 GFLOP = "
-                     f"32 k)")
+        lines.append(f"train img/s, plain loop, synthetic, bf16: eager {_fmt(p.get('eager'))}, torch.compile "
+                     f"{_fmt(p.get('torch.compile'))}; fp32 eager {_fmt(p.get('fp32 eager'))}   (goal >= "
+                     f"{GOAL_IMAGES_PER_S}; 798 TFLOP/s / 24.5 GFLOP = 32 k)")
         train_speed = p.get("eager") if isinstance(p.get("eager"), (int, float)) else None
     if "project" in r and r["project"].get("synthetic"):
         lines.append(f"train img/s, project loop (Ray Train), synthetic: "
