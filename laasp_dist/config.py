@@ -27,9 +27,11 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: Literal["fashion_mnist", "cifar10", "image_folder"] = "fashion_mnist"
+    dataset: Literal["fashion_mnist", "cifar10", "image_folder", "synthetic"] = Field(
+        "fashion_mnist", description="synthetic: random images at image_size (4 096 train, 1 024 test), for "
+        "throughput and smoke runs; nothing to learn")
     root: str | None = Field(None, description="data directory (image_folder: has train/ and val/)")
-    image_size: int = Field(224, ge=8, description="image_folder crop size")
+    image_size: int = Field(224, ge=8, description="image_folder crop size; synthetic image size")
     val_size: float = Field(5000, gt=0, description="held-out validation images carved from train (count or fraction)")
     train_limit: int | None = Field(None, ge=1, description="use only this many training images (quick runs)")
     test_limit: int | None = Field(None, ge=1, description="evaluate on only this many test images")
@@ -53,9 +55,35 @@ class TrainConfig(Section):
     gamma: float = Field(0.1, gt=0, le=1)
     keep_momentum: bool = Field(True, description="slice optimizer momentum to the kept channels (False: reset, as the reference)")
     steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimizer steps per epoch (quick runs)")
-    bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
-    channels_last: bool = Field(True, description="channels_last memory format on GPU (ignored on CPU)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="training/evaluation arithmetic: auto = bf16 autocast on GPU, fp32 on CPU; bf16 also "
+        "applies on the CPU (slow without native bf16 instructions)")
+    channels_last: Literal["auto"] | bool = Field("auto", description="channels_last memory format; auto = on GPU only")
+    compile: bool = Field(False, description="torch.compile the training forward; compiled afresh after every prune")
+    compile_backend: str = Field("inductor", description="torch.compile backend (torch._dynamo.list_backends())")
     progress_bar: bool = Field(True, description="tqdm progress bars on the coordinator (rank 0)")
+
+    @model_validator(mode="after")
+    def _backend_known(self) -> "TrainConfig":
+        if self.compile:
+            import torch._dynamo
+
+            known = torch._dynamo.list_backends(exclude_tags=())
+            if self.compile_backend not in known:
+                raise ValueError(f"unknown compile_backend {self.compile_backend!r}; known: {', '.join(known)}")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate_bf16(cls, data: Any) -> Any:
+        """Configs saved before `precision` (`bf16: bool`, GPU-only `channels_last: bool`) keep their meaning."""
+        if isinstance(data, dict) and "bf16" in data:
+            data = dict(data)
+            bf16 = data.pop("bf16")
+            data.setdefault("precision", "auto" if bf16 else "fp32")
+            if data.get("channels_last") is True:
+                data["channels_last"] = "auto"
+        return data
 
 
 class PruneConfig(Section):
@@ -103,6 +131,9 @@ class PruneConfig(Section):
         if self.target == "latency":
             return self.target_latency_reduction, self.step_latency, self.recover_latency
         return self.target_flops_reduction, self.step_flops, self.recover_flops
+    score_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="arithmetic of candidate scoring; auto = the training's (train.precision resolved on "
+        "the training device)")
 
     @model_validator(mode="after")
     def _criteria_known(self) -> "PruneConfig":
@@ -124,7 +155,10 @@ class RayConfig(Section):
     search_executor: Literal["auto", "actors", "ranks", "local"] = Field(
         "auto", description="where candidates are scored: 'actors' (search_workers Ray actors), 'ranks' (the "
         "training ranks, idle during a round, each scoring its share of the shards on its own device), 'local' "
-        "(the coordinator alone); auto = actors on CPU, ranks with use_gpu")
+        "(the coordinator alone); auto = actors")
+    search_gpu_fraction: float = Field(
+        0.25, gt=0, lt=0.5, description="with use_gpu and actors: the share of a GPU each search actor asks Ray "
+        "for; each training worker asks for the rest of its GPU, so one actor fits beside every training worker")
     collective_timeout_s: int = Field(1800, ge=10, description="torch.distributed timeout; covers a whole search round, during which non-coordinator ranks wait")
     max_failures: int = Field(3, ge=-1, description="times Ray Train restarts the worker group after a worker or node "
                               "failure, continuing from the last checkpoint (-1: no limit, 0: stop at the first)")
@@ -156,6 +190,14 @@ class RunConfig(Section):
             from .latency import resolve_round_to
 
             self.prune.round_to = resolve_round_to("auto", "cuda" if self.ray.use_gpu else "cpu")
+        r = self.ray
+        if r.use_gpu and r.search_executor in ("auto", "actors"):
+            per_gpu = -(-r.search_workers // r.num_workers)
+            if per_gpu * r.search_gpu_fraction >= 0.5:
+                raise ValueError(f"ray.search_workers={r.search_workers} GPU search actors beside "
+                                 f"{r.num_workers} training workers put {per_gpu} per GPU; at "
+                                 f"ray.search_gpu_fraction={r.search_gpu_fraction} a training worker keeps less "
+                                 f"than half a GPU: lower one of them")
         return self
 
 

@@ -19,3 +19,7 @@ class SpecError(LaaspError):
 
 class PruningError(LaaspError):
     """A pruning request cannot be carried out (unknown group, unreachable target ...)."""
+
+
+class DeviceError(LaaspError):
+    """A device the config or a flag asks for is not usable here (e.g. no CUDA where a GPU was asked for)."""

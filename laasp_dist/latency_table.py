@@ -493,7 +493,9 @@ def run_table(config: "RunConfig", run: Storage, arch: Arch, device: torch.devic
     latency target without one, a table measured now on this device at `prune.latency_batch`
     (all of the machine's cores on a CPU; the training's bf16 and channels_last on a GPU) and kept in the
     run folder. A latency target the table cannot reach is an error here. None: no table, FLOPs target."""
-    p, t = config.prune, config.train
+    from .precision import train_numerics
+
+    p, numerics = config.prune, train_numerics(config, device)
     table = read_run_table(run)
     gpu = device.type == "cuda"
     if table is None and p.target == "latency":
@@ -502,8 +504,8 @@ def run_table(config: "RunConfig", run: Storage, arch: Arch, device: torch.devic
             f"{p.latency_batch} (round_to {round_to}), kept as {run.uri_of(RUN_TABLE_FILE)}")
         with torch.cuda.device(device) if gpu else nullcontext():
             table = measure_table(arch, device=device.type, batch=p.latency_batch,
-                                  precision="bf16" if gpu and t.bf16 else "fp32", round_to=round_to,
-                                  max_prune_ratio=p.max_prune_ratio, channels_last=gpu and t.channels_last,
+                                  precision=numerics.precision if gpu else "fp32", round_to=round_to,
+                                  max_prune_ratio=p.max_prune_ratio, channels_last=gpu and numerics.channels_last,
                                   threads=None if gpu else os.cpu_count())
         write_run_table(run, table)
     if table is None:
@@ -545,7 +547,10 @@ def latency_summary(model: LatencyModel | None, final_dir: str | Path | Storage,
         threads = None if gpu else t["device"].get("threads")
     else:
         batch, threads = config.prune.latency_batch, None if gpu else os.cpu_count()
-        bf16, channels_last = gpu and config.train.bf16, gpu and config.train.channels_last
+        from .precision import train_numerics
+
+        numerics = train_numerics(config, device)
+        bf16, channels_last = gpu and numerics.precision == "bf16", gpu and numerics.channels_last
     with torch_threads(threads):
         report = benchmark(final_dir, [batch], device=device.type, bf16=bf16, repeats=repeats, warmup=warmup,
                            channels_last=channels_last)

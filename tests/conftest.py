@@ -33,6 +33,12 @@ TINY = {
 }
 
 
+# Relative difference allowed between a candidate's mean subset loss scored in bf16 and in fp32: above the
+# largest one measured over a whole pruning run (docs/benchmarks.md, "bf16 scoring"), far below the gaps
+# between candidates that decide a round.
+BF16_SCORE_REL_TOL = 1e-2
+
+
 def randomise_bn(model: nn.Module, seed: int = 0, bias_scale: float = 0.5) -> None:
     """Non-trivial BN affine and running stats, so that a wrong mask or a wrong loss shows in the logits."""
     g = torch.Generator().manual_seed(seed)

@@ -124,7 +124,8 @@ def test_tensorboard_has_the_scalars(full_run: Path) -> None:
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in ("train/loss", "train/top1", "val/loss", "val/top1", "lr", "model/macs", "model/params",
-                "prune/flops_reduction", "prune/winner_loss", "prune/winner_criterion"):
+                "prune/flops_reduction", "prune/winner_loss", "prune/winner_criterion", "train/images_per_s",
+                "memory/epoch_peak_mib", "memory/round_peak_mib"):
         assert tag in tags, tag
     summary = json.loads((full_run / "summary.json").read_text())
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(summary["epochs"]))
@@ -136,7 +137,7 @@ def test_tensorboard_has_the_scalars(full_run: Path) -> None:
 
 @pytest.mark.timeout(900)
 def test_scoring_on_the_training_ranks_with_momentum_reset(ray_session, full_run: Path, tmp_path: Path) -> None:
-    """search_executor=ranks (the GPU default) and keep_momentum=false (the reference) complete the schedule,
+    """search_executor=ranks and keep_momentum=false (the reference) complete the schedule,
     with `taylor` (gradient statistics: the candidate list comes from rank 0) in the pool; the first round,
     scored on the same network and subset, gives the same candidate losses as the actors."""
     import copy

@@ -7,7 +7,11 @@ prune, forward), exact fast, adaptive, and the Ray executor with each --workers
 count (one torch thread per worker). Reported: seconds per round, candidates/s,
 speed-up vs reference, whether the winner is the reference's, and the largest
 relative loss difference to the reference. `--agreement TARGET` also runs a whole
-pruning run (exact winners applied) and scores every round adaptively as well.
+pruning run (exact fp32 winners applied) and scores every round a second way as well
+(`--agreement-with`: adaptively, or exact under bf16 autocast), counting the rounds where
+the second way picks the same winner. `--device cuda --image-size 224 --precision bf16`
+time an ImageNet-sized round on a GPU (the Fashion-MNIST subset images resized; with
+`--train-steps 0` the network keeps its random initialisation: timing only).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -45,10 +50,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=None, help="images per forward (default: --chunk)")
     p.add_argument("--confidence", type=float, default=0.999, help="adaptive: one-sided confidence")
     p.add_argument("--agreement", type=float, default=None,
-                   help="also prune to this FLOPs reduction and count rounds where adaptive picks exact's winner")
+                   help="also prune to this FLOPs reduction and count rounds where the --agreement-with scoring "
+                   "picks exact fp32's winner")
+    p.add_argument("--agreement-with", default="adaptive", choices=["adaptive", "bf16"],
+                   help="what --agreement compares with exact fp32 scoring: adaptive rounds, or exact scoring under "
+                   "bf16 autocast (prune.score_precision=bf16)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of the in-process evaluators (1: 'one CPU'; Ray workers use 1 each)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the in-process evaluators score")
+    p.add_argument("--image-size", type=int, default=32, help="subset images resized to this size (model input)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="scoring arithmetic")
+    p.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -72,6 +85,20 @@ def _warm_up(net: PrunableNetwork, data: Any, steps: int, seed: int) -> float:
         opt.step()
     model.eval()
     return float(loss.detach())
+
+
+def _resized(subset: Any, size: int) -> Any:
+    """The subset with every shard's images resized (bilinear) to size x size."""
+    if size == subset.shards[0].images.shape[-1]:
+        return subset
+    from ..search.subset import SearchSubset, Shard
+
+    def resize(images: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=False)
+        return x.round().clamp_(0, 255).to(torch.uint8)
+
+    shards = tuple(Shard(s.index, resize(s.images), s.labels, s.sample_ids, s.mean, s.std) for s in subset.shards)
+    return SearchSubset(shards, subset.num_classes, subset.seed)
 
 
 def _row(name: str, result: Any, ref: Any, ref_seconds: float | None, ref_name: str = "reference",
@@ -107,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     if any(e not in ("reference", "exact", "adaptive") for e in evaluators):
         raise ConfigError(f"--evaluators takes reference, exact, adaptive (got {args.evaluators})")
+    if args.device == "cuda" and (workers or not torch.cuda.is_available()):
+        raise ConfigError("--device cuda needs a CUDA device and --workers '' (Ray rows time CPU actors)")
+    if args.image_size != 32 and args.train_steps and not args.weights:
+        raise ConfigError("--image-size other than 32 needs --train-steps 0 (warm-up trains on 32x32 images)")
     load_before = os.getloadavg()[0]
     data = load_small_dataset("fashion_mnist", "train")
     torch.manual_seed(args.seed)
@@ -114,14 +145,14 @@ def run(args: argparse.Namespace) -> int:
         net = load_slim_model(args.weights)
         train_loss = None
     else:
-        net = PrunableNetwork.create(Arch(args.model, data.num_classes, 3, 32))
+        net = PrunableNetwork.create(Arch(args.model, data.num_classes, 3, args.image_size))
         train_loss = _warm_up(net, data, args.train_steps, args.seed)
     if args.save_weights:
         save_slim_model(net, args.save_weights)
-    net.model.eval()
+    net.model.eval().to(args.device)
     torch.set_num_threads(args.threads)
-    subset = build_subset(data, args.subset, args.shards, args.seed)
-    options = ScoreOptions(args.chunk, args.max_batch or args.chunk)
+    subset = _resized(build_subset(data, args.subset, args.shards, args.seed), args.image_size).to(args.device)
+    options = ScoreOptions(args.chunk, args.max_batch or args.chunk, args.precision, args.channels_last)
 
     def cfg(search: str, target: float = 0.9) -> PruneConfig:
         return PruneConfig(criteria=criteria, step_flops=args.step_flops, search=search, subset_size=args.subset,
@@ -177,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
             ray.shutdown()
     summary: dict[str, Any] = {
         "model": args.model, "subset": args.subset, "shards": args.shards, "criteria": criteria,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "image_size": args.image_size,
+        "precision": args.precision, "channels_last": args.channels_last,
         "step_flops": args.step_flops, "train_steps": 0 if args.weights else args.train_steps,
         "warm_up_loss": train_loss, "macs": net.cost.macs, "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "machine": platform.machine(), "rows": rows,
@@ -185,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     if 1 in ray_seconds and len(ray_seconds) > 1:
         summary["parallel_efficiency"] = {w: round(ray_seconds[1] / (w * s), 3) for w, s in ray_seconds.items() if w > 1}
     if args.agreement:
-        summary["agreement"] = _agreement(net, subset, cfg, args.agreement, options, args.seed)
+        summary["agreement"] = _agreement(net, subset, cfg, args.agreement, options, args.seed, args.agreement_with)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -193,30 +226,52 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _agreement(net: PrunableNetwork, subset: Any, cfg: Any, target: float, options: Any, seed: int) -> dict[str, Any]:
-    """Prune to `target` applying exact winners; score every round adaptively too and compare."""
+def _agreement(net: PrunableNetwork, subset: Any, cfg: Any, target: float, options: Any, seed: int,
+               against: str = "adaptive") -> dict[str, Any]:
+    """Prune to `target` applying exact fp32 winners; score every round `against` (adaptive | bf16) too and compare.
+
+    Regret = the exact fp32 loss of the other way's winner minus exact's best loss. For bf16 the
+    per-candidate relative loss differences to fp32 (candidates that saw the whole subset) are reported too.
+    """
     from ..search import LocalExecutor, search_round
 
-    ex = LocalExecutor(subset, options)
-    rounds, agree, t_exact, t_adapt, regret = 0, 0, 0.0, 0.0, []
+    ex = LocalExecutor(subset, replace(options, precision="fp32"))
+    other = LocalExecutor(subset, replace(options, precision="bf16")) if against == "bf16" else ex
+    evaluator = "adaptive" if against == "adaptive" else "exact"
+    rounds, agree, t_exact, t_other, regret, rel, per_round = 0, 0, 0.0, 0.0, [], [], []
     while net.macs_reduction < target - 1e-12:
         e = search_round(net, subset, cfg("exact", target), len(net.prunes), ex, seed=seed)
-        a = search_round(net, subset, cfg("adaptive", target), len(net.prunes), ex, seed=seed)
+        a = search_round(net, subset, cfg(evaluator, target), len(net.prunes), other, seed=seed)
         rounds += 1
         agree += a.winner == e.winner
         t_exact += e.seconds
-        t_adapt += a.seconds
+        t_other += a.seconds
         chosen = e.candidates.index(a.winner)
         regret.append(float(e.losses[chosen] - e.loss))
+        full = np.array([r["shards_seen"] for r in a.table]) == subset.num_shards
+        diff = np.abs(a.losses - e.losses)[full] / np.abs(e.losses)[full]
+        rel.append(diff)
+        per_round.append({"round": rounds, "same_winner": a.winner == e.winner, "regret": regret[-1],
+                          "fp32_loss": e.loss, "max_rel_loss_diff": float(diff.max()) if len(diff) else None})
         net.apply(e.winner)
-    return {"target": target, "rounds": rounds, "same_winner": agree, "rate": round(agree / max(rounds, 1), 4),
-            "max_loss_regret": max(regret, default=0.0), "exact_seconds": round(t_exact, 1),
-            "adaptive_seconds": round(t_adapt, 1), "adaptive_speedup": round(t_exact / max(t_adapt, 1e-9), 2)}
+    out = {"against": against, "target": target, "rounds": rounds, "same_winner": agree,
+           "rate": round(agree / max(rounds, 1), 4), "max_loss_regret": max(regret, default=0.0),
+           "max_relative_regret": max((r["regret"] / r["fp32_loss"] for r in per_round), default=0.0),
+           "exact_seconds": round(t_exact, 1), f"{against}_seconds": round(t_other, 1),
+           f"{against}_speedup": round(t_exact / max(t_other, 1e-9), 2)}
+    if against == "bf16":
+        every = np.concatenate(rel) if rel else np.zeros(0)
+        out.update({"max_rel_loss_diff": float(every.max(initial=0.0)),
+                    "median_rel_loss_diff": float(np.median(every)) if len(every) else 0.0,
+                    "p99_rel_loss_diff": float(np.quantile(every, 0.99)) if len(every) else 0.0,
+                    "per_round": per_round})
+    return out
 
 
 def _print(s: dict[str, Any]) -> None:
-    print(f"{s['model']}: {s['macs'] / 1e6:.1f} M MACs, subset {s['subset']} in {s['shards']} shards, "
-          f"criteria {','.join(s['criteria'])}, warm-up {s['train_steps']} steps")
+    print(f"{s['model']} @ {s['image_size']}px: {s['macs'] / 1e6:.1f} M MACs, subset {s['subset']} in {s['shards']} "
+          f"shards, criteria {','.join(s['criteria'])}, warm-up {s['train_steps']} steps, on {s['device']} "
+          f"({s['precision']}{', channels_last' if s['channels_last'] else ''})")
     print(f"{'method':24s} {'s/round':>9s} {'cand/s':>8s} {'speed-up':>9s} {'same winner':>13s} {'max rel diff':>13s}")
     for r in s["rows"]:
         same = r.get("same_winner")
@@ -228,4 +283,5 @@ def _print(s: dict[str, Any]) -> None:
     if "parallel_efficiency" in s:
         print("parallel efficiency (Ray, vs 1 worker):", s["parallel_efficiency"])
     if "agreement" in s:
-        print("adaptive vs exact over a pruning run:", s["agreement"])
+        a = {k: v for k, v in s["agreement"].items() if k != "per_round"}
+        print(f"{a['against']} vs exact fp32 over a pruning run:", a)

@@ -112,9 +112,10 @@ def masked_variants(group: ChannelGroup, variants: Sequence[Sequence[int]]) -> I
         if member.dim != "out":
             continue
         weight = member.module.weight
-        mask = torch.ones(len(variants), weight.shape[0], device=weight.device)
+        mask = torch.ones(len(variants), weight.shape[0])
         for v, channels in enumerate(variants):
             mask[v, member.indices_for(channels)] = 0.0
+        mask = mask.to(weight.device, non_blocking=True)  # filled on the host: no device sync per mask
 
         def zero(module: nn.Module, inputs: tuple, output: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
             rows = mask.repeat_interleave(output.shape[0] // mask.shape[0], 0) if mask.shape[0] > 1 else mask

@@ -3,6 +3,10 @@
 * The subset's shards go into the object store once, as Arrow tables, when the
   executor starts; an actor decodes a shard the first time it needs it and keeps
   it on its device (GPU when it has one).
+* GPU actors (`gpus_per_worker` > 0) ask Ray for that share of a GPU — a fraction, so
+  that they fit beside the training workers, which ask for the rest — and score on it,
+  in the round's `ScoreOptions` arithmetic and memory format. An actor that Ray gave
+  a GPU but that sees no CUDA device fails with a clear error: never a silent CPU run.
 * Per round, the network snapshot — the portable spec plus a plain state dict,
   never a pickled module — and the candidate list go into the object store once;
   each actor rebuilds the network once per round.
@@ -16,13 +20,14 @@
 from __future__ import annotations
 
 import os
+import re
 from collections import deque
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from ..errors import LaaspError
+from ..errors import DeviceError, LaaspError
 from ..pruning import Candidate, PrunableNetwork, network_from_spec, network_spec
 from ..runtime import ensure_ray
 from .executors import Task
@@ -36,7 +41,16 @@ class SearchWorker:
     def __init__(self, threads: int | None, device: str) -> None:
         if threads:
             torch.set_num_threads(threads)
-        self.device = torch.device(device if device != "cuda" or torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                import platform
+
+                raise DeviceError(
+                    f"a GPU search actor on {platform.node()} sees no CUDA device (CUDA_VISIBLE_DEVICES="
+                    f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch built for CUDA {torch.version.cuda}); it "
+                    f"does not fall back to the CPU: fix the node's GPU set-up, or set ray.search_executor=ranks")
+            torch.cuda.set_device(0)  # Ray makes the actor's GPU the only visible one
         self._shards: dict[int, Shard] = {}
         self._round: tuple[str, PrunableNetwork, list[Candidate], ScoreOptions, Shard | None] | None = None
         self._fault_at: int | None = None
@@ -44,6 +58,12 @@ class SearchWorker:
 
     def ping(self) -> int:
         return os.getpid()
+
+    def status(self) -> dict[str, Any]:
+        """Where this actor scores and where its shards are held: {device, device_name, shards: {index: device}}."""
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {"device": str(self.device), "device_name": name,
+                "shards": {i: str(s.images.device) for i, s in self._shards.items()}}
 
     def arm_fault(self, at_call: int) -> None:
         """Test hook: the process exits (as a crash would) at the start of its `at_call`-th score call from now."""
@@ -57,8 +77,8 @@ class SearchWorker:
             self._round = None
             snap = ray.get(ref)
             net = network_from_spec(snap["spec"], snap["state"])
-            net.model.to(self.device)
-            calibration = Shard.from_table(snap["calibration"]) if snap["calibration"] is not None else None
+            snap["options"].numerics(self.device).model(net.model.to(self.device))
+            calibration = Shard.from_table(snap["calibration"]).to(self.device) if snap["calibration"] else None
             candidates = [Candidate(g, c, tuple(ch)) for g, c, ch in snap["candidates"]]
             self._round = (key, net, candidates, snap["options"], calibration)
         return self._round[1:]
@@ -73,16 +93,16 @@ class SearchWorker:
         net, cands, options, calibration = self._load_round(round_ref[0])
         for index, ref in zip(shard_indices, shard_refs):
             if index not in self._shards:
-                self._shards[index] = Shard.from_table(ray.get(ref), f"shard {index}")
+                self._shards[index] = Shard.from_table(ray.get(ref), f"shard {index}").to(self.device)
         shards = [self._shards[i] for i in shard_indices]
         return get_scorer(scorer)(net, [cands[i] for i in candidates], shards, options, calibration)
 
 
 class RayExecutor:
-    """Runs shard tasks on `num_workers` SearchWorker actors (one GPU each with `use_gpu`)."""
+    """Runs shard tasks on `num_workers` SearchWorker actors, each on `gpus_per_worker` of a GPU (0: on CPUs)."""
 
     def __init__(self, subset: SearchSubset, num_workers: int = 2, *, options: ScoreOptions | None = None,
-                 address: str | None = None, use_gpu: bool = False, cpus_per_worker: int = 1,
+                 address: str | None = None, gpus_per_worker: float = 0.0, cpus_per_worker: int = 1,
                  threads_per_worker: int | None = None, max_attempts: int = 3, num_cpus: int | None = None,
                  start_timeout_s: float = 600.0) -> None:
         import ray
@@ -97,21 +117,30 @@ class RayExecutor:
         self._threads = threads_per_worker or cpus_per_worker
         # The pool is sized by the config, not by the caller's reservation: escape any enclosing
         # placement group (a Tune trial captures child actors into its own, and they would never fit).
-        self._actor_options = dict(num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=4,
+        self._actor_options = dict(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=4,
                                    max_task_retries=0,
                                    scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-        self._device = "cuda" if use_gpu else "cpu"
+        self._device = "cuda" if gpus_per_worker > 0 else "cpu"
         self._cls = ray.remote(SearchWorker)
         self.actors = [self._new_actor() for _ in range(num_workers)]
         try:
             ray.get([a.ping.remote() for a in self.actors], timeout=start_timeout_s)
         except ray.exceptions.GetTimeoutError:
-            need = f"{num_workers} x {{CPU: {cpus_per_worker}{', GPU: 1' if use_gpu else ''}}}"
+            self.close()
+            need = f"{num_workers} x {{CPU: {cpus_per_worker}{f', GPU: {gpus_per_worker:g}' if gpus_per_worker else ''}}}"
             raise LaaspError(f"search actors ({need}) could not be placed within {start_timeout_s:.0f} s: the "
                              f"cluster has no room for them; free resources, lower ray.search_workers, or set "
                              f"ray.search_executor=ranks") from None
+        except ray.exceptions.RayActorError as exc:  # an actor failed to start: its own error, in one line
+            self.close()
+            raise _startup_error(exc) from None
         self._shard_refs = [ray.put(s.to_table()) for s in subset.shards]
         self._round_ref: Any = None
+
+    @property
+    def device(self) -> str:
+        """Where the actors score: "cuda" or "cpu"."""
+        return self._device
 
     def _new_actor(self) -> Any:
         return self._cls.options(**self._actor_options).remote(self._threads, self._device)
@@ -206,3 +235,16 @@ class RayExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _startup_error(exc: Exception) -> LaaspError:
+    """The LaaspError an actor raised while starting (Ray hands it back as text), or a one-line LaaspError."""
+    from .. import errors
+
+    found = re.findall(r"laasp_dist\.errors\.(\w+): ([^\n]+)", str(exc))
+    if found:
+        name, message = found[-1]
+        cls = getattr(errors, name, LaaspError)
+        return cls(message.strip()) if isinstance(cls, type) and issubclass(cls, LaaspError) else LaaspError(message)
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return LaaspError(f"search actors failed to start: {lines[-1] if lines else type(exc).__name__}")

@@ -14,6 +14,10 @@ Two scorers, one contract — `scorer(net, candidates, shards, options, calibrat
   remove exactly the same channels (e.g. `l1` and `l2` agreeing) are scored once.
   Distinct candidates of one group can be batched into one forward (`max_batch`).
 
+Arithmetic: `ScoreOptions.precision` (``fp32`` or ``bf16`` autocast on the scoring device) and
+`channels_last` (model and inputs in that memory format), through `laasp_dist.precision`; the
+per-image losses are computed in float64 from the logits either way.
+
 Optional BN recalibration (`calibration` images): before scoring, each candidate's
 BN running statistics are re-estimated on those images with the candidate applied
 (cumulative average over chunks of `chunk_size`, BN layers in train mode, every
@@ -39,6 +43,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import model_entry
+from ..precision import Numerics
 from ..pruning import Candidate, PrunableNetwork
 from ..pruning.groups import ChannelGroup, masked_variants
 from .subset import Shard
@@ -46,14 +51,22 @@ from .subset import Shard
 
 @dataclass(frozen=True)
 class ScoreOptions:
-    """How a shard is walked: images per data chunk, images per forward pass (variants × chunk)."""
+    """How a shard is walked: images per data chunk, images per forward pass (variants × chunk), and the
+    arithmetic (`precision`: fp32 | bf16) and memory format (`channels_last`) of the forward passes."""
 
     chunk_size: int = 500
     max_batch: int = 500
+    precision: str = "fp32"
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1 or self.max_batch < 1:
             raise ConfigError(f"chunk_size and max_batch must be >= 1 (got {self.chunk_size}, {self.max_batch})")
+        Numerics(self.precision, self.channels_last)  # type: ignore[arg-type]  # validates the precision
+
+    def numerics(self, device: torch.device) -> Numerics:
+        """These options on `device`."""
+        return Numerics(self.precision, self.channels_last, device.type)  # type: ignore[arg-type]
 
 
 Scorer = Callable[[PrunableNetwork, Sequence[Candidate], Sequence[Shard], ScoreOptions, "Shard | None"],
@@ -98,8 +111,8 @@ def _start_recalibration(bns: Sequence[nn.Module]) -> None:
         bn.train()
 
 
-def _chunks(shard: Shard, device: torch.device, size: int) -> list[torch.Tensor]:
-    return [shard.inputs(device, s, s + size) for s in range(0, len(shard), size)]
+def _chunks(shard: Shard, device: torch.device, size: int, numerics: Numerics) -> list[torch.Tensor]:
+    return [numerics.inputs(shard.inputs(device, s, s + size)) for s in range(0, len(shard), size)]
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -113,26 +126,27 @@ def score_reference(net: PrunableNetwork, candidates: Sequence[Candidate], shard
                     options: ScoreOptions, calibration: Shard | None = None) -> list[np.ndarray]:
     """The paper's procedure: per candidate a deep copy, a fresh trace, a physical prune, a forward over the shards."""
     device = net.parameters_device()
+    numerics = options.numerics(device)
     out = [np.empty((len(candidates), len(shard)), dtype=np.float64) for shard in shards]
     for i, cand in enumerate(candidates):
         t0 = time.perf_counter()
         clone = PrunableNetwork(copy.deepcopy(net.model), net.arch, base_macs=net.base_macs,
                                 original_widths=net.original_widths)
         clone.apply(cand)
-        model = clone.model.eval()
+        model = numerics.model(clone.model.eval())
         t1 = time.perf_counter()
         REFERENCE_TIMINGS["setup"] += t1 - t0
-        with torch.no_grad():
+        with torch.no_grad(), numerics.autocast():
             if calibration is not None:
                 bns = _batchnorms(model.modules())
                 _start_recalibration(bns)
-                for x in _chunks(calibration, device, options.chunk_size):
+                for x in _chunks(calibration, device, options.chunk_size, numerics):
                     model(x)
                 model.eval()
             for shard, losses in zip(shards, out):
                 labels = shard.labels.to(device)
                 for start in range(0, len(shard), options.chunk_size):
-                    logits = model(shard.inputs(device, start, start + options.chunk_size))
+                    logits = model(numerics.inputs(shard.inputs(device, start, start + options.chunk_size)))
                     losses[i, start:start + len(logits)] = _per_image_loss(
                         logits, labels[start:start + len(logits)]).cpu().numpy()
         REFERENCE_TIMINGS["forward"] += time.perf_counter() - t1
@@ -189,7 +203,7 @@ def _recalibrate_fast(net: PrunableNetwork, plan: _Plan, calibration: Shard, opt
                       device: torch.device) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Base BN re-estimation (left in the model) and per-variant statistics of the BNs from its first block on."""
     all_bns = _batchnorms(net.model.modules())
-    cal = _chunks(calibration, device, options.chunk_size)
+    cal = _chunks(calibration, device, options.chunk_size, options.numerics(device))
     _start_recalibration(all_bns)
     for x in cal:
         _run(plan.blocks, 0, x)
@@ -241,15 +255,19 @@ def score_fast(net: PrunableNetwork, candidates: Sequence[Candidate], shards: Se
     if not candidates:
         return [np.empty((0, len(shard)), dtype=np.float64) for shard in shards]
     device = net.parameters_device()
+    numerics = options.numerics(device)
+    numerics.model(net.model)
     plan = _plan(net, candidates)
-    out = [np.empty((len(plan.variants), len(shard)), dtype=np.float64) for shard in shards]
-    with _preserved(net.model), torch.no_grad():
+    out = []
+    with _preserved(net.model), torch.no_grad(), numerics.autocast():
         overrides = _recalibrate_fast(net, plan, calibration, options, device) if calibration is not None else None
         later = {f: _batchnorms(m for b in plan.blocks[f:] for m in b.modules()) for f, _, _ in plan.steps}
-        for shard, losses_out in zip(shards, out):
+        for shard in shards:
+            # losses stay on the scoring device until the shard is done: no host sync per forward pass
+            losses_out = torch.empty((len(plan.variants), len(shard)), dtype=torch.float64, device=device)
             labels_all = shard.labels.to(device)
             for start in range(0, len(shard), options.chunk_size):
-                x = shard.inputs(device, start, start + options.chunk_size)
+                x = numerics.inputs(shard.inputs(device, start, start + options.chunk_size))
                 n = len(x)
                 labels = labels_all[start:start + n]
                 h, p = x, 0
@@ -266,7 +284,9 @@ def score_fast(net: PrunableNetwork, candidates: Sequence[Candidate], shards: Se
                                 _bn_override(later[f], stats):
                             logits = _run(plan.blocks, f, z)
                         losses = _per_image_loss(logits, labels.repeat(len(batch))).view(len(batch), n)
-                        losses_out[batch, start:start + n] = losses.cpu().numpy()
+                        for row, v in enumerate(batch):
+                            losses_out[v, start:start + n] = losses[row]
+            out.append(losses_out.cpu().numpy())
     return [o[plan.variant_of] for o in out]
 
 

@@ -44,9 +44,14 @@ class Shard:
     def inputs(self, device: torch.device | str = "cpu", start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Normalised float32 images [start:stop] on `device` (the eval transform's last step)."""
         x = self.images[start:stop].to(device, non_blocking=True).float().div_(255.0)
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1).to(x.device, non_blocking=True)
+        std = torch.tensor(self.std).view(1, -1, 1, 1).to(x.device, non_blocking=True)
         return x.sub_(mean).div_(std)
+
+    def to(self, device: torch.device | str) -> "Shard":
+        """This shard with its images and labels held on `device` (sample ids stay on the host)."""
+        return Shard(self.index, self.images.to(device), self.labels.to(device), self.sample_ids, self.mean,
+                     self.std)
 
     def to_table(self) -> pa.Table:
         """The shard as an Arrow table (one row per image; pixels as fixed-size binary)."""
@@ -89,6 +94,10 @@ class SearchSubset:
     @property
     def num_shards(self) -> int:
         return len(self.shards)
+
+    def to(self, device: torch.device | str) -> "SearchSubset":
+        """The subset with every shard held on `device` (decoded once, no host-to-device copy per chunk)."""
+        return SearchSubset(tuple(s.to(device) for s in self.shards), self.num_classes, self.seed)
 
     @property
     def sample_ids(self) -> np.ndarray:

@@ -5,6 +5,9 @@
   rank, the driver and a test that re-measures ``final/`` compute the same ones; whole
   splits in memory (``data_pipelines.ImageArrays``), served by ``ArrayLoader`` (sharded
   by rank, CIFAR augmentation for training);
+- ``synthetic``: random uint8 images at ``data.image_size`` (fixed seed), labels cycling over
+  the classes, served like the small images: the training loop's throughput without any
+  decoding, and smoke runs on machines without data;
 - ``image_folder`` (``root/train/<class>/*``, ``root/val/<class>/*``): the driver lists
   and checks the folders once (``build_data_index``, ``data.verify``) and writes the
   index with the split of every image into the run folder (``write_data_index``).
@@ -39,6 +42,8 @@ if TYPE_CHECKING:
 SUBSET_SEED_OFFSET = 1  # the scoring subset uses seed + 1, the val split seed, train_limit seed + 2
 LIMIT_SEED_OFFSET = 2
 INDEX_FILE = "data_index.parquet"  # image_folder runs: the data index, beside subset/
+SYNTHETIC_IMAGES = {"train": 4096, "test": 1024}
+SYNTHETIC_CLASSES = 1000
 
 
 def holdout_amount(val_size: float) -> int | float:
@@ -93,7 +98,10 @@ def load_splits(config: RunConfig, run_dir: str | Path | Storage | None = None, 
     from data_pipelines.splits import stratified_split
 
     channels = config.model.in_channels
-    if d.dataset == "fashion_mnist":
+    if d.dataset == "synthetic":
+        full, test = (synthetic_arrays(SYNTHETIC_IMAGES[s], config.model.num_classes or SYNTHETIC_CLASSES,
+                                       channels, d.image_size, seed=i) for i, s in enumerate(("train", "test")))
+    elif d.dataset == "fashion_mnist":
         if channels not in (1, 3):
             raise DataError(f"fashion_mnist feeds 1 or 3 input channels, model.in_channels is {channels}")
         full, test = (load_fashion_mnist(s, d.root, channels=channels) for s in ("train", "test"))
@@ -106,6 +114,17 @@ def load_splits(config: RunConfig, run_dir: str | Path | Storage | None = None, 
     train = _limit(pool, d.train_limit, config.seed + LIMIT_SEED_OFFSET)
     return Splits("arrays", train, full.subset(val_idx), _limit(test, d.test_limit, config.seed + LIMIT_SEED_OFFSET),
                   full.num_classes, full.images.shape[-1], full.images.shape[1], train, None)
+
+
+def synthetic_arrays(n: int, num_classes: int, channels: int, size: int, seed: int) -> Any:
+    """`n` uniformly random uint8 images (labels 0, 1, …, num_classes-1 in turn), the same for a given seed."""
+    from data_pipelines.small_images import ImageArrays
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g)
+    labels = torch.arange(n, dtype=torch.int64) % num_classes
+    return ImageArrays(images, labels, num_classes, (0.5,) * channels, (0.2887,) * channels)  # uniform: 1/sqrt(12)
+
 
 
 def _folder_root(config: RunConfig) -> Path:
@@ -285,13 +304,16 @@ class RankData:
 def batch_format(config: RunConfig, device: torch.device | str) -> tuple[torch.dtype, bool]:
     """The (dtype, channels_last) in which DALI hands image batches to a model on `device`.
 
-    On a GPU, the format training runs in: channels_last (``train.channels_last``) as NHWC viewed as
-    NCHW, and float16 under bf16 autocast (``train.bf16``) — DALI has no bfloat16; autocast casts the
-    float16 batch to bfloat16 at the first convolution. On the CPU, float32 NCHW.
+    On a GPU, the format training runs in (`laasp_dist.precision.train_numerics`): channels_last as NHWC
+    viewed as NCHW, and float16 under bf16 autocast — DALI has no bfloat16; autocast casts the float16
+    batch to bfloat16 at the first convolution. On the CPU, float32 NCHW.
     """
+    from ..precision import train_numerics
+
     if torch.device(device).type != "cuda":
         return torch.float32, False
-    return (torch.float16 if config.train.bf16 else torch.float32), config.train.channels_last
+    numerics = train_numerics(config, device)
+    return (torch.float16 if numerics.precision == "bf16" else torch.float32), numerics.channels_last
 
 
 def _dali_device(device: torch.device | str) -> int | None:

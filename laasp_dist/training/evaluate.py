@@ -1,4 +1,8 @@
-"""Loss and top-1/top-5 accuracy over batches, optionally summed across the ranks of a process group."""
+"""Loss and top-1/top-5 accuracy over batches, optionally summed across the ranks of a process group.
+
+The forward passes run under a `laasp_dist.precision.Numerics` (autocast and memory format of the
+model's device); the sums are float64 from float32 logits, and stay on the device until the end.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +13,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def _autocast(device: torch.device, bf16: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+from ..precision import Numerics
 
 
 def metric_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-                *, bf16: bool = False) -> torch.Tensor:
-    """[loss sum, top-1 correct, top-5 correct, count] in float64 over `batches`, model in eval mode."""
+                *, numerics: Numerics | None = None) -> torch.Tensor:
+    """[loss sum, top-1 correct, top-5 correct, count] in float64 over `batches`, model in eval mode.
+
+    `numerics` defaults to fp32 in the default memory format; the model is expected in its memory format.
+    """
+    numerics = (numerics or Numerics()).on(device)
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     try:
         with torch.no_grad():
             for x, y in batches:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with _autocast(device, bf16):
+                x, y = numerics.inputs(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+                with numerics.autocast():
                     logits = model(x)
                 sums += accuracy_sums(logits.float(), y)
     finally:
@@ -40,8 +45,8 @@ def accuracy_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     hit = top == labels.view(-1, 1)
     return torch.stack([
         F.cross_entropy(logits.double(), labels, reduction="sum"),
-        hit[:, 0].sum().double(), hit.any(1).sum().double(), torch.tensor(float(len(labels)), device=logits.device,
-                                                                          dtype=torch.float64),
+        hit[:, 0].sum().double(), hit.any(1).sum().double(),
+        torch.full((), float(len(labels)), dtype=torch.float64, device=logits.device),  # a fill: no host copy
     ])
 
 
@@ -56,6 +61,7 @@ def summarise(sums: torch.Tensor, distributed: bool = False) -> dict[str, Any]:
 
 
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-             device: torch.device | str = "cpu", *, distributed: bool = False, bf16: bool = False) -> dict[str, Any]:
+             device: torch.device | str = "cpu", *, distributed: bool = False, numerics: Numerics | None = None
+             ) -> dict[str, Any]:
     """Mean loss, top-1 and top-5 accuracy (fractions) of `model` over `batches`."""
-    return summarise(metric_sums(model, batches, torch.device(device), bf16=bf16), distributed)
+    return summarise(metric_sums(model, batches, torch.device(device), numerics=numerics), distributed)

@@ -33,6 +33,7 @@ from ..search import check_search_inputs, read_subset
 from ..storage import Storage, as_storage
 from .checkpoint import CHECKPOINT_DIR, KEEP, latest_state
 from .data import INDEX_FILE, build_data_index, load_splits, read_data_index, subset_source, write_data_index
+from .rounds import gpu_shares
 from .schedule import schedule_warnings
 from .worker import SUMMARY, arch_of, train_worker
 
@@ -203,7 +204,7 @@ def run_job(config: RunConfig, out: str | Path | Storage | None = None, resume: 
     # training ranks wait during a round, so the search actors get the cores
     started = ensure_ray(r.address, r.num_workers * r.cpus_per_worker + r.search_workers, log_to_driver=True)
     try:
-        resources = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}
+        resources = {"CPU": r.cpus_per_worker, **({"GPU": gpu_shares(config)[0]} if r.use_gpu else {})}
         trainer = TorchTrainer(
             train_loop_per_worker=train_worker,
             # `invocation` tells a worker group that Ray restarted (same driver) from a --resume (new driver)

@@ -32,12 +32,16 @@ def momentum_by_name(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict
 
 
 def load_momentum(optimizer: torch.optim.Optimizer, model: nn.Module, buffers: dict[str, torch.Tensor]) -> int:
-    """Install momentum buffers by parameter name; returns how many were installed."""
+    """Install momentum buffers by parameter name; returns how many were installed.
+
+    Each buffer takes its parameter's device, dtype and memory format (channels_last parameters get
+    channels_last buffers, as SGD itself would create them), whatever layout it travelled in.
+    """
     n = 0
     for name, p in model.named_parameters():
         buf = buffers.get(name)
         if buf is not None and buf.shape == p.shape:
-            optimizer.state[p]["momentum_buffer"] = buf.to(p.device, p.dtype).clone()
+            optimizer.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
             n += 1
     return n
 

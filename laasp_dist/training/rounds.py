@@ -2,20 +2,25 @@
 
 Executors (``ray.search_executor``):
 
-- ``actors``: the search package's `RayExecutor`, ``ray.search_workers`` Ray actors that
-  hold the subset shards; the coordinator alone calls `search_round`, the other ranks
-  wait at the broadcast that follows. The CPU default.
+- ``actors`` (the default): the search package's `RayExecutor`, ``ray.search_workers`` Ray
+  actors that hold the subset shards on their device; the coordinator alone calls
+  `search_round`, the other ranks wait at the broadcast that follows. With ``use_gpu``
+  each actor asks Ray for ``ray.search_gpu_fraction`` of a GPU and each training worker
+  for the rest of one (`gpu_shares`), so an actor fits beside every training worker on its
+  GPU (training is idle during a round); an actor that gets no CUDA device is an error.
 - ``ranks``: every training rank calls `search_round` on its identical copy of the
   network (checked after every install); `RankExecutor` gives rank r the tasks
   r, r+W, r+2W, … on its own device and all-gathers the per-image losses, so every
-  rank reduces the same table and picks the same winner. Needs no extra devices:
-  the GPU default (search actors would each ask for a whole GPU, which training holds).
+  rank reduces the same table and picks the same winner. Needs no extra processes.
 - ``local``: the coordinator scores everything itself (`LocalExecutor`). Also what a
   ``prune.selection: importance`` run uses, whatever is configured: it scores nothing.
 
 The candidate list comes from the coordinator: with ``ranks`` it is built on rank 0 and
 broadcast, so that every rank scores the same candidates even where a criterion's
 statistics (``taylor``'s gradients) could differ in the last bits between devices.
+
+Scoring arithmetic: ``prune.score_precision`` (auto = the training's) in the training's
+memory format (`laasp_dist.precision.score_numerics`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 import torch
 
 from ..config import RunConfig
+from ..precision import score_numerics
 from ..pruning import Candidate, PrunableNetwork
 from ..search import LocalExecutor, RoundResult, ScoreOptions, SearchSubset, Task, read_subset, search_round
 from ..search.round import round_candidates
@@ -42,9 +48,24 @@ def executor_kind(config: RunConfig) -> str:
     kind = config.ray.search_executor
     if config.prune.selection == "importance":
         return "local"
-    if kind == "auto":
-        return "ranks" if config.ray.use_gpu else "actors"
-    return kind
+    return "actors" if kind == "auto" else kind
+
+
+def gpu_shares(config: RunConfig) -> tuple[float, float]:
+    """(GPUs per training worker, GPUs per search actor) that the run asks Ray for.
+
+    CPU runs: (0, 0). GPU runs with search actors: the actors take ``ray.search_gpu_fraction``
+    each and a training worker the rest of a GPU after the actors that share it
+    (``ceil(search_workers / num_workers)`` per GPU; validated to leave a training worker more
+    than half a GPU, so two training workers never land on one GPU). Otherwise (1, 0).
+    """
+    r = config.ray
+    if not r.use_gpu:
+        return 0.0, 0.0
+    if executor_kind(config) != "actors":
+        return 1.0, 0.0
+    per_gpu = -(-r.search_workers // r.num_workers)
+    return round(1.0 - per_gpu * r.search_gpu_fraction, 4), r.search_gpu_fraction
 
 
 class RankExecutor:
@@ -83,17 +104,20 @@ class Searcher:
         self.config, self.kind, self.rank, self.device = config, executor_kind(config), rank, device
         self.subset = read_subset(subset_dir)
         p = config.prune
-        options = ScoreOptions(chunk_size=p.shard_batch_size, max_batch=p.shard_batch_size)
+        numerics = score_numerics(config, device)
+        options = ScoreOptions(chunk_size=p.shard_batch_size, max_batch=p.shard_batch_size,
+                               precision=numerics.precision, channels_last=numerics.channels_last)
         if self.kind == "actors":
             from ..search import RayExecutor
 
             r = config.ray
             self.executor = RayExecutor(self.subset, r.search_workers, options=options, address=r.address,
-                                        cpus_per_worker=1, threads_per_worker=1)
-        elif self.kind == "ranks":
-            self.executor = RankExecutor(self.subset, options, rank, world)
+                                        cpus_per_worker=1, threads_per_worker=1, gpus_per_worker=gpu_shares(config)[1])
         else:
-            self.executor = LocalExecutor(self.subset, options)
+            if device.type == "cuda":
+                self.subset = self.subset.to(device)  # held on the GPU for the whole run
+            self.executor = (RankExecutor(self.subset, options, rank, world) if self.kind == "ranks"
+                             else LocalExecutor(self.subset, options))
 
     @property
     def all_ranks(self) -> bool:

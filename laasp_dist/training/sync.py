@@ -17,7 +17,9 @@ class SyncError(LaaspError):
 
 
 def _active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Whether a process group is up. A one-worker run has one too (Ray Train always makes it), and its
+    collectives run like a bigger run's, so a one-GPU run exercises the NCCL code paths of a multi-GPU one."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def broadcast(obj: Any, src: int = 0, device: torch.device | None = None) -> Any:
@@ -48,6 +50,15 @@ def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
     if _active():
         for b in model.buffers():
             dist.broadcast(b.data, src)
+
+
+def max_over_ranks(value: float, device: torch.device) -> float:
+    """The largest of every rank's `value`."""
+    if not _active():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def barrier() -> None:

@@ -12,11 +12,21 @@ The coordinator alone writes TensorBoard, history.parquet, final/ and summary.js
 which every rank reports to Ray Train after every epoch and every round
 (`ray.train.report`; only the coordinator's report carries the checkpoint). A worker
 group that Ray restarts after a failure starts again from `ray.train.get_checkpoint()`.
+
+Devices and arithmetic: with ``ray.use_gpu`` each worker makes its Ray-assigned GPU the
+current CUDA device before any collective or DALI pipeline; forward passes run under
+`laasp_dist.precision` (``train.precision``, ``train.channels_last``). Before a new network
+is installed the previous one, its DDP wrapper, compiled graph and optimizer are released,
+and the peak memory of every epoch and round is recorded (`memory.PeakMemory`).
 """
 
 from __future__ import annotations
 
+import gc
 import math
+import os
+import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -25,16 +35,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import RunConfig
+from ..errors import DeviceError
+from ..precision import Numerics, train_numerics
 from ..pruning import Arch, PrunableNetwork, load_slim_model, network_from_spec, network_spec, save_slim_model
 from ..storage import Storage
 from . import sync
 from .checkpoint import CheckpointError, checkpoint_name, plain, read_reported, write_state
 from .data import RankData, load_splits
 from .evaluate import accuracy_sums, evaluate, summarise
+from .memory import MIB, PeakMemory
 from .momentum import load_momentum, momentum_by_name, removed_indices, slice_momentum
 from ..pruning.steps import macs_removed
 from .schedule import ScheduleState, epoch_done, learning_rate, next_action
@@ -45,6 +59,7 @@ FINAL_DIR = "final"
 SUMMARY = "summary.json"
 HISTORY = "history.parquet"
 SUBSET_DIR = "subset"
+PROGRESS_EVERY = 25  # training steps between progress-bar loss updates (each one is a host-device sync)
 
 
 def arch_of(config: RunConfig, splits: Any) -> Arch:
@@ -67,13 +82,30 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if config.ray.use_gpu:
         import ray.train.torch
 
-        device = ray.train.torch.get_device()
+        device = cuda_device(ray.train.torch.get_device())
     else:
         device = torch.device("cpu")
     torch.set_num_threads(config.ray.cpus_per_worker)
     worker = Worker(config, Storage(loop_config["storage"]), rank, world, device, loop_config["invocation"],
                     loop_config["resume"])
     worker.run()
+
+
+def cuda_device(device: torch.device) -> torch.device:
+    """Make the GPU Ray gave this worker the current CUDA device (NCCL's object collectives and DALI's default
+    device use it) and turn cuDNN autotuning on (shapes are fixed between prunes). No silent CPU fallback."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise DeviceError(
+            f"ray.use_gpu=true, but the Train worker on {platform.node()} sees no CUDA device (Ray gave it "
+            f"{device}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__}"
+            f" built for CUDA {torch.version.cuda}): fix the node's GPU set-up, or set ray.use_gpu=false")
+    torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = True
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
 
 
 class Worker:
@@ -89,6 +121,12 @@ class Worker:
         self.data = RankData(self.splits, config, rank, world, device)
         self.arch = arch_of(config, self.splits)
         self.gpu = device.type == "cuda"
+        self.numerics: Numerics = train_numerics(config, device)
+        self.memory = PeakMemory(device)
+        self.net: PrunableNetwork | None = None
+        self.ddp: nn.Module | None = None
+        self.forward: nn.Module | None = None  # what a training step calls: the DDP module, or its compiled form
+        self.optimizer: torch.optim.Optimizer | None = None
         self.state = ScheduleState()
         # coordinator-only records (all plain containers, all checkpointed)
         self.history: list[dict[str, Any]] = []
@@ -139,25 +177,41 @@ class Worker:
                 "schedule": ScheduleState().as_dict(), "started_as": self.started_as}
 
     def install(self, payload: dict[str, Any], what: str) -> None:
-        """Every rank: rebuild the network from a broadcast payload, a fresh DDP and optimizer; check identity."""
+        """Every rank: rebuild the network from a broadcast payload, a fresh DDP and optimizer; check identity.
+
+        The previous network, DDP wrapper, compiled graph and optimizer are released first. Any process group
+        (one worker too) gets DDP, so a one-GPU run takes the multi-GPU code path.
+        """
+        self._release()
         self.net = network_from_spec(payload["spec"], payload["model"])
-        model = self.net.model.to(self.device)
-        if self.gpu and self.config.train.channels_last:
-            model.to(memory_format=torch.channels_last)
-        if self.world > 1:
+        model = self.numerics.model(self.net.model.to(self.device))
+        if dist.is_available() and dist.is_initialized():
             from torch.nn.parallel import DistributedDataParallel
 
-            self.ddp: nn.Module = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.gpu else None)
+            self.ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.gpu else None)
         else:
             self.ddp = model
         t = self.config.train
+        self.forward = torch.compile(self.ddp, backend=t.compile_backend, dynamic=False) if t.compile else self.ddp
         self.optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
                                          weight_decay=t.weight_decay)
         load_momentum(self.optimizer, model, payload["momentum"])
         digests = sync.check_identical(model, momentum_by_name(self.optimizer, model), what)
         if self.coordinator:
             self.sync_checks.append({"after": what, "round": self.state.rounds, "digests": digests})
+
+    def _release(self) -> None:
+        """Drop the installed network, DDP wrapper, compiled graph and optimizer, and give their memory back."""
+        self.forward = self.ddp = self.optimizer = self.net = None
+        if self.config.train.compile:
+            torch._dynamo.reset()  # one compiled network at a time: no recompiles pile up over the prunes
+        gc.collect()  # DDP and compiled modules hold reference cycles
+        if self.gpu:
+            torch.cuda.empty_cache()
+
+    def _peak_memory_mib(self) -> float:
+        """The largest peak over the ranks since the last `memory.reset()`, in MiB."""
+        return round(sync.max_over_ranks(self.memory.peak_bytes() / MIB, self.device), 1)
 
     # ------------------------------------------------------------------ main loop
 
@@ -166,6 +220,10 @@ class Worker:
             from ..monitoring import RunMonitor
 
             self.monitor = RunMonitor(self.storage, self.config.prune.criteria)
+            n = self.numerics
+            _say(f"[laasp] {self.world} worker(s), rank 0 on {self.device} ({device_name(self.device)}): "
+                 f"{n.precision}, {'channels_last' if n.channels_last else 'contiguous'}"
+                 f"{', torch.compile' if self.config.train.compile else ''}")
         payload = sync.broadcast(self._initial_payload() if self.coordinator else None, device=self.device)
         self.state = ScheduleState.from_dict(payload["schedule"])
         self.install(payload, payload["started_as"])
@@ -226,32 +284,27 @@ class Worker:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = self.data.train_batches(epoch)
+        self.memory.reset()
         with self._timed({"pretrain": "pretrain", "recover": "recovery"}.get(phase, "finetune")):
+            start = time.perf_counter()
             self.ddp.train()
-            sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+            sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss and hits stay on the device
             bar = self._bar(len(batches), f"epoch {epoch} ({phase})")
-            for x, y in batches:
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                if self.gpu and self.config.train.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.gpu and self.config.train.bf16):
-                    logits = self.ddp(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                with torch.no_grad():
-                    sums += accuracy_sums(logits.detach().float(), y)
+            for step, (x, y) in enumerate(batches, 1):
+                self.train_step(x, y, sums)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                    if step % PROGRESS_EVERY == 0:
+                        bar.set_postfix(loss=f"{float(sums[0] / sums[3]):.3f}", refresh=False)
             if bar is not None:
                 bar.close()
             sync.broadcast_buffers(self.net.model)  # BN statistics of rank 0 everywhere: ranks identical again
-            train = summarise(sums, distributed=True)
+            train = summarise(sums, distributed=True)  # the first host sync of the epoch
+            images_per_s = train["images"] / max(time.perf_counter() - start, 1e-9)
         with self._timed("eval"):
             val = evaluate(self.net.model, self.data.eval_batches("val"), self.device, distributed=True,
-                           bf16=self.config.train.bf16)
+                           numerics=self.numerics)
+        peak = self._peak_memory_mib()
         epoch_done(self.state)
         after_target = self.state.target_reached
         if after_target and (self.best is None or val["top1"] > self.best["val_top1"]) and self.coordinator:
@@ -261,26 +314,41 @@ class Worker:
             cost = self.net.cost
             row = {"epoch": epoch, "phase": phase, "lr": lr, "train_loss": train["loss"], "train_top1": train["top1"],
                    "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"], "macs": cost.macs,
-                   "params": cost.params, "flops_reduction": self.net.macs_reduction} | self._latency_scalars()
+                   "params": cost.params, "flops_reduction": self.net.macs_reduction,
+                   "train_images_per_s": round(images_per_s, 1), "peak_memory_mib": peak} | self._latency_scalars()
             self.epochs.append(row)
             self.monitor.scalars(epoch, {
                 "train/loss": train["loss"], "train/top1": train["top1"], "val/loss": val["loss"],
                 "val/top1": val["top1"], "val/top5": val["top5"], "lr": lr, "model/macs": cost.macs,
                 "model/params": cost.params, "prune/flops_reduction": self.net.macs_reduction,
                 "model/latency_ms_est": row.get("latency_ms_est"),
-                "prune/latency_reduction_est": row.get("latency_reduction_est")})
+                "prune/latency_reduction_est": row.get("latency_reduction_est"),
+                "train/images_per_s": images_per_s, "memory/epoch_peak_mib": peak})
             if phase == "recover" and self.state.recover_left == 0:
                 self.monitor.widths(epoch, self.net.original_widths, self.net.widths(),
                                     f"after recovery, {self.net.macs_reduction:.1%} FLOPs removed")
             _say(f"[laasp] epoch {epoch} ({phase}) lr {lr:.4g} train loss {train['loss']:.4f} "
                   f"top1 {train['top1']:.4f} | val loss {val['loss']:.4f} top1 {val['top1']:.4f} | "
-                  f"FLOPs -{self.net.macs_reduction:.1%}")
+                  f"FLOPs -{self.net.macs_reduction:.1%} | {images_per_s:.0f} img/s, peak {peak:.0f} MiB")
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, sums: torch.Tensor) -> None:
+        """One optimizer step on a batch; its loss and hits are added to `sums` on the device (no host sync)."""
+        n = self.numerics
+        x, y = n.inputs(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
+        with n.autocast():
+            logits = self.forward(x)
+            loss = F.cross_entropy(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            sums += accuracy_sums(logits.detach().float(), y)
 
     def measure(self, label: str) -> dict[str, Any]:
         """Val and test metrics of the current network (every rank evaluates its shard)."""
-        bf16 = self.config.train.bf16
-        val = evaluate(self.net.model, self.data.eval_batches("val"), self.device, distributed=True, bf16=bf16)
-        test = evaluate(self.net.model, self.data.eval_batches("test"), self.device, distributed=True, bf16=bf16)
+        n = self.numerics
+        val = evaluate(self.net.model, self.data.eval_batches("val"), self.device, distributed=True, numerics=n)
+        test = evaluate(self.net.model, self.data.eval_batches("test"), self.device, distributed=True, numerics=n)
         out = {"epoch": self.state.epoch, "macs": self.net.cost.macs, "params": self.net.cost.params,
                "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
                "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"]}
@@ -295,45 +363,52 @@ class Worker:
         """One search/apply round: the coordinator decides and broadcasts; every rank installs the result."""
         from .rounds import Searcher, executor_kind
 
-        payload = None
         index = self.state.rounds + 1
+        self.memory.reset()
+        if self.gpu:
+            torch.cuda.empty_cache()  # training idles during the round: cached blocks back to the GPU's search actor
         all_ranks = executor_kind(self.config) == "ranks"
         if self.searcher is None and (self.coordinator or all_ranks):  # built at the first round
             self.searcher = Searcher(self.config, self.storage.child(SUBSET_DIR), self.device, self.rank, self.world)
         result = self.searcher.run(self.net, index, self.latency) if (self.coordinator or all_ranks) else None
-        if self.coordinator:
-            winner = result.winner
-            group = self.net.group(winner.group)
-            channel_macs = macs_removed(group, 1, self.net.cost.layer_macs) / self.net.base_macs
-            momentum = momentum_by_name(self.optimizer, self.net.model)
-            removed = removed_indices(group, winner.channels)
-            self.net.apply(winner)
-            shapes = {n: p.shape for n, p in self.net.model.named_parameters()}
-            sliced = slice_momentum(momentum, removed, shapes) if self.config.train.keep_momentum else {}
-            payload = {"spec": network_spec(self.net), "model": _cpu_state(self.net.model), "momentum": sliced}
-            self.history.extend(plain(r) for r in result.table)
-            cost = self.net.cost
-            chosen = next(r for r in result.table if r["chosen"])
-            measured = not math.isnan(result.loss)  # prune.selection=importance measures no subset loss
-            record = {"round": index, "epoch": self.state.epoch, "group": winner.group,
-                      "criterion": winner.criterion, "k": len(winner.channels), "channels": list(winner.channels),
-                      "loss": float(result.loss) if measured else None, "importance": chosen["importance"],
-                      "channel_flops_share": channel_macs, "macs": cost.macs,
-                      "params": cost.params, "flops_reduction": self.net.macs_reduction,
-                      "candidates": len(result.table), "seconds": float(result.seconds)} | self._latency_scalars()
-            self.rounds.append(record)
-            self.monitor.round(index, winner.group, winner.criterion, float(result.loss), self.net.macs_reduction)
-            self.monitor.scalars(index, {"prune/round_macs": cost.macs, "prune/round_params": cost.params,
-                                         "prune/round_seconds": result.seconds,
-                                         "prune/round_latency_ms_est": record.get("latency_ms_est")})
-            why = f"subset loss {result.loss:.4f}" if measured else f"importance {chosen['importance']:.4g} per % FLOPs"
-            latency = f", est. latency -{record['latency_reduction_est']:.2%}" if self.latency else ""
-            _say(f"[laasp] round {index}: {winner.criterion} removes {len(winner.channels)} of {winner.group} "
-                  f"({why}, {len(result.table)} candidates, {result.seconds:.1f} s) "
-                  f"-> FLOPs -{self.net.macs_reduction:.2%}{latency}")
+        payload = self._apply_winner(index, result) if self.coordinator else None
+        del result
         payload = sync.broadcast(payload, device=self.device)
         self.state.rounds += 1
         self.install(payload, f"round {self.state.rounds}")
+        del payload
+        peak = self._peak_memory_mib()
+        if self.coordinator:
+            self.rounds[-1]["peak_memory_mib"] = peak
+            self.monitor.scalars(index, {"memory/round_peak_mib": peak})
+
+    def _apply_winner(self, index: int, result: Any) -> dict[str, Any]:
+        """Coordinator: prune the winner, record the round, and return the payload every rank installs."""
+        winner = result.winner
+        group = self.net.group(winner.group)
+        channel_macs = macs_removed(group, 1, self.net.cost.layer_macs) / self.net.base_macs
+        payload = pruned_payload(self.net, self.optimizer, winner, self.config.train.keep_momentum)
+        self.history.extend(plain(r) for r in result.table)
+        cost = self.net.cost
+        chosen = next(r for r in result.table if r["chosen"])
+        measured = not math.isnan(result.loss)  # prune.selection=importance measures no subset loss
+        record = {"round": index, "epoch": self.state.epoch, "group": winner.group,
+                  "criterion": winner.criterion, "k": len(winner.channels), "channels": list(winner.channels),
+                  "loss": float(result.loss) if measured else None, "importance": chosen["importance"],
+                  "channel_flops_share": channel_macs, "macs": cost.macs,
+                  "params": cost.params, "flops_reduction": self.net.macs_reduction,
+                  "candidates": len(result.table), "seconds": float(result.seconds)} | self._latency_scalars()
+        self.rounds.append(record)
+        self.monitor.round(index, winner.group, winner.criterion, float(result.loss), self.net.macs_reduction)
+        self.monitor.scalars(index, {"prune/round_macs": cost.macs, "prune/round_params": cost.params,
+                                     "prune/round_seconds": result.seconds,
+                                     "prune/round_latency_ms_est": record.get("latency_ms_est")})
+        why = f"subset loss {result.loss:.4f}" if measured else f"importance {chosen['importance']:.4g} per % FLOPs"
+        latency = f", est. latency -{record['latency_reduction_est']:.2%}" if self.latency else ""
+        _say(f"[laasp] round {index}: {winner.criterion} removes {len(winner.channels)} of {winner.group} "
+              f"({why}, {len(result.table)} candidates, {result.seconds:.1f} s) "
+              f"-> FLOPs -{self.net.macs_reduction:.2%}{latency}")
+        return payload
 
     # ------------------------------------------------------------------ persistence
 
@@ -435,8 +510,20 @@ class Worker:
                                            "latency_reduction_est") if k in r} for r in self.rounds],
             "phase_seconds": {k: round(v, 3) for k, v in self.state.phase_seconds.items()},
             "sync_checks": self.sync_checks,
+            "training": self._training_summary(),
         }
         self.storage.write_json(SUMMARY, plain(summary))
+
+    def _training_summary(self) -> dict[str, Any]:
+        """Where and how the run trained, and the peak memory of its epochs and rounds (max over the ranks)."""
+        epochs = [r["peak_memory_mib"] for r in self.epochs if r.get("peak_memory_mib") is not None]
+        rounds = [r["peak_memory_mib"] for r in self.rounds if r.get("peak_memory_mib") is not None]
+        speeds = [r["train_images_per_s"] for r in self.epochs if r.get("train_images_per_s")]
+        return {"device": str(self.device), "device_name": device_name(self.device), "workers": self.world,
+                **self.numerics.describe(), "compile": self.config.train.compile,
+                "median_train_images_per_s": round(statistics.median(speeds), 1) if speeds else None,
+                "memory": {"measure": self.memory.measure, "unit": "MiB", "epoch_peak": max(epochs, default=None),
+                           "round_peak": max(rounds, default=None), "per_round": rounds}}
 
     # ------------------------------------------------------------------ progress
 
@@ -459,6 +546,19 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
+def pruned_payload(net: PrunableNetwork, optimizer: torch.optim.Optimizer, winner: Any,
+                   keep_momentum: bool) -> dict[str, Any]:
+    """Apply `winner` to `net` (in place) and return what every rank installs: the spec, CPU weights and the
+    momentum buffers sliced to the kept channels (none without `keep_momentum`: the reference's reset)."""
+    group = net.group(winner.group)
+    momentum = momentum_by_name(optimizer, net.model) if keep_momentum else {}
+    removed = removed_indices(group, winner.channels)
+    net.apply(winner)
+    shapes = {n: p.shape for n, p in net.model.named_parameters()}
+    sliced = slice_momentum(momentum, removed, shapes) if keep_momentum else {}
+    return {"spec": network_spec(net), "model": _cpu_state(net.model), "momentum": sliced}
+
+
 def _write_history(run: Storage, rows: list[dict[str, Any]]) -> None:
     """Every round's candidate table, in the search package's history schema."""
     from types import SimpleNamespace
@@ -468,22 +568,28 @@ def _write_history(run: Storage, rows: list[dict[str, Any]]) -> None:
     write_history([SimpleNamespace(table=rows)], run.child(HISTORY))
 
 
-def measure_slim_model(model_dir: str | Path | Storage, config: RunConfig, device: torch.device | str = "cpu", *,
-                       run_dir: str | Path | Storage | None = None) -> dict[str, Any]:
+def measure_slim_model(model_dir: str | Path | Storage, config: RunConfig, device: torch.device | str = "cpu",
+                       numerics: Numerics | None = None, *, run_dir: str | Path | Storage | None = None
+                       ) -> dict[str, Any]:
     """Load a slim model from its folder alone and measure it on the run's val and test splits (one process).
 
-    This is how summary.json's final accuracy is produced, and how anyone can re-check it. Image folders:
-    the splits come from the data index of the run folder `run_dir`.
+    This is how summary.json's final accuracy is produced, and how anyone can re-check it. `numerics`
+    defaults to the run's training arithmetic on `device`; the device (cpu or cuda: also where DALI
+    decodes), precision and memory format used are part of the result. Image folders: the splits come
+    from the data index of the run folder `run_dir`.
     """
     from .data import eval_loader
 
+    device = torch.device(device)
+    numerics = numerics or train_numerics(config, device)
     net = load_slim_model(model_dir)
-    model = net.model.to(device)
+    model = numerics.model(net.model.to(device))
     splits = load_splits(config, run_dir)
-    out: dict[str, Any] = {"macs": net.cost.macs, "params": net.cost.params}
+    out: dict[str, Any] = {"macs": net.cost.macs, "params": net.cost.params, "device": device.type,
+                           **numerics.describe()}
     for split in ("val", "test"):
         loader = eval_loader(getattr(splits, split), splits, config, config.data.eval_batch_size, device=device)
-        m = evaluate(model, loader, device, bf16=config.train.bf16)
+        m = evaluate(model, loader, device, numerics=numerics)
         out.update({f"{split}_loss": m["loss"], f"{split}_top1": m["top1"], f"{split}_top5": m["top5"],
                     f"{split}_images": m["images"]})
     return out
