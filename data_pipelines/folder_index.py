@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipelines.image_folder import ImageFolder
-from laasp_dist.errors import DataError
+from .errors import DataError
 
 FORMAT = "laasp-dist/data-index"
 VERSION = 1

@@ -25,7 +25,7 @@ import torch
 import torchvision.io
 
 from data_pipelines.splits import epoch_shard, stratified_split
-from laasp_dist.errors import DataError
+from .errors import DataError
 
 if TYPE_CHECKING:
     from nvidia.dali.pipeline import Pipeline

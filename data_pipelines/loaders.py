@@ -9,7 +9,7 @@ import torch
 
 from data_pipelines.small_images import ImageArrays
 from data_pipelines.splits import epoch_shard
-from laasp_dist.errors import DataError
+from .errors import DataError
 
 
 def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:

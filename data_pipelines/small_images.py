@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from laasp_dist.errors import DataError
+from .errors import DataError
 
 Split = Literal["train", "test"]
 

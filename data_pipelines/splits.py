@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from laasp_dist.errors import DataError
+from .errors import DataError
 
 LabelsLike = np.ndarray | torch.Tensor | Sequence[int]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import LaaspError
+from .errors import LaaspError, UnfinishedRunError
 from .pruning import PrunableNetwork, load_slim_model
 from .pruning.spec import SPEC_FILE
 from .storage import Storage, as_storage
@@ -34,10 +34,6 @@ CHECK_BATCH = 3
 
 class ExportError(LaaspError):
     """The model directory cannot be exported, or the export does not reproduce the model."""
-
-
-class UnfinishedRunError(ExportError):
-    """The run has no final slim model yet."""
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,10 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DeviceError, LaaspError
+from ..errors import DeviceError, UnfinishedRunError
 
 if TYPE_CHECKING:
     from ..storage import Storage
-
-
-class UnfinishedRunError(LaaspError):
-    """The run has no final model yet."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
