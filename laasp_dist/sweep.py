@@ -23,7 +23,7 @@ import yaml
 
 from .config import RunConfig, Section, build_config, load_config, merge_dicts, parse_overrides
 from .errors import ConfigError, LaaspError
-from .io import atomic_write
+from .storage import atomic_write
 from .runtime import ensure_ray
 
 TUNE_DIR = "tune"
