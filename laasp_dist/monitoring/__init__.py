@@ -1,6 +1,6 @@
 """Monitoring: TensorBoard scalars/text/figures of a run, and the per-layer width figure."""
 
 from .figures import width_figure
-from .tensorboard import RunMonitor
+from .run_monitor import RunMonitor
 
 __all__ = ["RunMonitor", "width_figure"]
