@@ -11,7 +11,7 @@ worker actors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -78,3 +78,38 @@ class LocalExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class RankExecutor:
+    """Tasks split round-robin over the training ranks; results all-gathered (every rank gets all of them).
+
+    Every rank calls `run` with the same tasks; `all_gather(obj)` returns every rank's `obj` in rank
+    order (the training job passes its process group's, `laasp_dist.training.sync.all_gather`).
+    """
+
+    def __init__(self, subset: SearchSubset, options: ScoreOptions, rank: int, world: int,
+                 all_gather: Callable[[Any], list[Any]]) -> None:
+        self.subset, self.options, self.rank, self.world = subset, options, rank, world
+        self.all_gather = all_gather
+        self._local = LocalExecutor(subset, options)
+
+    @property
+    def parallelism(self) -> int:
+        return self.world
+
+    def start_round(self, net: PrunableNetwork, candidates: Sequence[Candidate], calibration: Shard | None) -> None:
+        self._local.start_round(net, candidates, calibration)
+
+    def run(self, tasks: Sequence[Task]) -> list[list[np.ndarray]]:
+        mine = list(range(self.rank, len(tasks), self.world))
+        done = dict(zip(mine, self._local.run([tasks[i] for i in mine])))
+        merged: dict[int, list[np.ndarray]] = {}
+        for part in self.all_gather(done):
+            merged.update(part)
+        return [merged[i] for i in range(len(tasks))]
+
+    def end_round(self) -> None:
+        self._local.end_round()
+
+    def close(self) -> None:
+        self._local.close()

@@ -9,7 +9,7 @@ Executors (``ray.search_executor``):
   for the rest of one (`gpu_shares`), so an actor fits beside every training worker on its
   GPU (training is idle during a round); an actor that gets no CUDA device is an error.
 - ``ranks``: every training rank calls `search_round` on its identical copy of the
-  network (checked after every install); `RankExecutor` gives rank r the tasks
+  network (checked after every install); the search's `RankExecutor` gives rank r the tasks
   r, r+W, r+2W, … on its own device and all-gathers the per-image losses, so every
   rank reduces the same table and picks the same winner. Needs no extra processes.
 - ``local``: the coordinator scores everything itself (`LocalExecutor`). Also what a
@@ -26,17 +26,15 @@ memory format (`laasp_dist.precision.score_numerics`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from ..config import RunConfig
 from ..precision import score_numerics
-from ..pruning import Candidate, PrunableNetwork
-from ..search import LocalExecutor, RoundResult, ScoreOptions, SearchSubset, Task, read_subset, search_round
+from ..pruning import PrunableNetwork
+from ..search import LocalExecutor, RankExecutor, RoundResult, ScoreOptions, read_subset, search_round
 from ..search.round import round_candidates
-from ..search.subset import Shard
 from ..storage import Storage
 from . import sync
 
@@ -68,35 +66,6 @@ def gpu_shares(config: RunConfig) -> tuple[float, float]:
     return round(1.0 - per_gpu * r.search_gpu_fraction, 4), r.search_gpu_fraction
 
 
-class RankExecutor:
-    """Tasks split round-robin over the training ranks; results all-gathered (every rank gets all of them)."""
-
-    def __init__(self, subset: SearchSubset, options: ScoreOptions, rank: int, world: int) -> None:
-        self.subset, self.options, self.rank, self.world = subset, options, rank, world
-        self._local = LocalExecutor(subset, options)
-
-    @property
-    def parallelism(self) -> int:
-        return self.world
-
-    def start_round(self, net: PrunableNetwork, candidates: Sequence[Candidate], calibration: Shard | None) -> None:
-        self._local.start_round(net, candidates, calibration)
-
-    def run(self, tasks: Sequence[Task]) -> list[list[np.ndarray]]:
-        mine = list(range(self.rank, len(tasks), self.world))
-        done = dict(zip(mine, self._local.run([tasks[i] for i in mine])))
-        merged: dict[int, list[np.ndarray]] = {}
-        for part in sync.all_gather(done):
-            merged.update(part)
-        return [merged[i] for i in range(len(tasks))]
-
-    def end_round(self) -> None:
-        self._local.end_round()
-
-    def close(self) -> None:
-        self._local.close()
-
-
 class Searcher:
     """Holds the subset and the executor across the rounds of a run."""
 
@@ -116,8 +85,8 @@ class Searcher:
         else:
             if device.type == "cuda":
                 self.subset = self.subset.to(device)  # held on the GPU for the whole run
-            self.executor = (RankExecutor(self.subset, options, rank, world) if self.kind == "ranks"
-                             else LocalExecutor(self.subset, options))
+            self.executor = (RankExecutor(self.subset, options, rank, world, sync.all_gather)
+                             if self.kind == "ranks" else LocalExecutor(self.subset, options))
 
     @property
     def all_ranks(self) -> bool:
