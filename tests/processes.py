@@ -56,6 +56,15 @@ def pids_with_env(key: str, value: str) -> list[int]:
     return [p for p in _pids() if needle in _proc(p, "environ").split(b"\0")]
 
 
+def cpu_ticks(pid: int) -> int:
+    """User + system CPU time a process has used, in clock ticks (0 once it is gone)."""
+    stat = _proc(pid, "stat").decode(errors="replace")
+    if not stat:
+        return 0
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def kill(pids: list[int]) -> None:
     for pid in pids:
         try:

@@ -187,13 +187,30 @@ def test_ray_round_equals_oracle(name, ray_executor, subsets, oracle):
 
 @pytest.mark.timeout(240)
 def test_killing_a_search_worker_mid_round_leaves_the_answer_unchanged(ray_executor, subsets, oracle):
+    """A search actor SIGKILLed from outside once it is busy scoring: the round still gives the oracle's answer."""
+    import threading
+
+    import ray
+
+    from processes import cpu_ticks, kill, wait_for
+
     size, criteria = CASES["resnet20"]
-    pids = [__import__("ray").get(a.ping.remote()) for a in ray_executor.actors]
-    ray_executor.actors[0].arm_fault.remote(1)  # its next task dies with the process
+    pids = [ray.get(a.ping.remote()) for a in ray_executor.actors]
+    killed = threading.Event()
+
+    def kill_when_busy() -> None:
+        idle = cpu_ticks(pids[0])
+        wait_for(lambda: cpu_ticks(pids[0]) >= idle + 5, 120, "the search worker to score")  # 50 ms of CPU
+        kill([pids[0]])
+        killed.set()
+
+    killer = threading.Thread(target=kill_when_busy, daemon=True)
+    killer.start()
     result = search_round(make_net("resnet20", size), subsets[size], prune_cfg(criteria, "exact"),
                           executor=ray_executor)
+    assert killed.is_set()  # the kill landed before the round ended
     assert_same_round(result, oracle["resnet20"])
-    new_pids = [__import__("ray").get(a.ping.remote()) for a in ray_executor.actors]
+    new_pids = [ray.get(a.ping.remote()) for a in ray_executor.actors]
     assert new_pids[0] != pids[0] and new_pids[1] == pids[1]  # the worker really died and was restarted
 
 

@@ -53,8 +53,6 @@ class SearchWorker:
             torch.cuda.set_device(0)  # Ray makes the actor's GPU the only visible one
         self._shards: dict[int, Shard] = {}
         self._round: tuple[str, PrunableNetwork, list[Candidate], ScoreOptions, Shard | None] | None = None
-        self._fault_at: int | None = None
-        self._calls = 0
 
     def ping(self) -> int:
         return os.getpid()
@@ -64,10 +62,6 @@ class SearchWorker:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return {"device": str(self.device), "device_name": name,
                 "shards": {i: str(s.images.device) for i, s in self._shards.items()}}
-
-    def arm_fault(self, at_call: int) -> None:
-        """Test hook: the process exits (as a crash would) at the start of its `at_call`-th score call from now."""
-        self._fault_at = self._calls + at_call
 
     def _load_round(self, ref: Any) -> tuple[PrunableNetwork, list[Candidate], ScoreOptions, Shard | None]:
         import ray
@@ -87,9 +81,6 @@ class SearchWorker:
               scorer: str) -> list[np.ndarray]:
         import ray
 
-        self._calls += 1
-        if self._fault_at is not None and self._calls >= self._fault_at:
-            os._exit(1)
         net, cands, options, calibration = self._load_round(round_ref[0])
         for index, ref in zip(shard_indices, shard_refs):
             if index not in self._shards:
