@@ -11,7 +11,7 @@ narrower than N is exempt and keeps at least one channel); `max_prune_ratio` alw
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 from torch import nn
@@ -32,8 +32,14 @@ def _layer_fractions(group: ChannelGroup) -> dict[str, tuple[float, float, bool]
             continue
         modules[member.name] = module
         fractions.setdefault(member.name, {})[member.dim] = len(member.idxs) / group.width / _dim_size(module, member.dim)
-    return {name: (frac.get("out", 0.0), frac.get("in", 0.0), _depthwise(modules[name]))
+    return {name: (frac.get("out", 0.0), frac.get("in", 0.0), is_depthwise(modules[name]))
             for name, frac in fractions.items()}
+
+
+def kept_share(out_lost: Any, in_lost: Any, depthwise: bool) -> Any:
+    """Share of a conv/linear layer's MACs kept when it loses these fractions of its output and input
+    channels (floats or arrays); a depthwise convolution's input and output channels are one."""
+    return 1.0 - np.maximum(out_lost, in_lost) if depthwise else (1.0 - out_lost) * (1.0 - in_lost)
 
 
 def macs_removed_many(group: ChannelGroup, ks: Sequence[int] | np.ndarray, layer_macs: dict[str, int]) -> np.ndarray:
@@ -41,9 +47,7 @@ def macs_removed_many(group: ChannelGroup, ks: Sequence[int] | np.ndarray, layer
     ks = np.asarray(ks, dtype=np.float64)
     total = np.zeros_like(ks)
     for name, (out, inp, depthwise) in _layer_fractions(group).items():
-        a, b = out * ks, inp * ks
-        kept = 1.0 - np.maximum(a, b) if depthwise else (1.0 - a) * (1.0 - b)  # depthwise: in and out are one
-        total += layer_macs[name] * (1.0 - kept)
+        total += layer_macs[name] * (1.0 - kept_share(out * ks, inp * ks, depthwise))
     return total
 
 
@@ -126,5 +130,5 @@ def _dim_size(module: nn.Module, dim: str) -> int:
     return module.out_features if dim == "out" else module.in_features
 
 
-def _depthwise(module: nn.Module) -> bool:
+def is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels

@@ -17,7 +17,7 @@ from ..config import PruneConfig
 from ..errors import DataError, PruningError
 from ..storage import Storage, as_storage
 from ..pruning import PrunableNetwork, get_criterion
-from ..pruning.steps import narrowest_width
+from ..pruning.steps import is_depthwise, kept_share, narrowest_width
 from .executors import Executor
 from .round import RoundResult, get_evaluator, round_to_of, search_round, step_cost
 from .scoring import ScoreOptions
@@ -43,9 +43,7 @@ def max_reduction(net: PrunableNetwork, max_prune_ratio: float, round_to: int = 
     total = 0.0
     for name, macs in net.cost.layer_macs.items():
         out, inp = keep.get(name, {}).get("out", 1.0), keep.get(name, {}).get("in", 1.0)
-        module = modules[name]
-        depthwise = isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
-        total += macs * (min(out, inp) if depthwise else out * inp)
+        total += macs * kept_share(1.0 - out, 1.0 - inp, is_depthwise(modules[name]))
     return 1.0 - total / net.base_macs
 
 
