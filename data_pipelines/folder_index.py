@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipelines.image_folder import ImageFolder
-from .errors import DataError
+from data_pipelines.errors import DataError
 
 FORMAT = "laasp-dist/data-index"
 VERSION = 1

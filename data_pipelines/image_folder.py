@@ -25,7 +25,8 @@ import torch
 import torchvision.io
 
 from data_pipelines.splits import epoch_shard, stratified_split
-from .errors import DataError
+from data_pipelines.errors import DataError
+from data_pipelines.normalise import pixel_scale
 
 if TYPE_CHECKING:
     from nvidia.dali.pipeline import Pipeline
@@ -296,8 +297,8 @@ def _build_pipeline(feed: _EpochFeed, image_size: int, device_id: int | None, nu
     gpu = device_id is not None
     pipe = Pipeline(batch_size=feed.batch_size, num_threads=num_threads, device_id=device_id,
                     prefetch_queue_depth=2)
-    normalise = dict(dtype=out_types[dtype], output_layout="HWC" if channels_last else "CHW",
-                     mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD])
+    mean, std = pixel_scale(IMAGENET_MEAN, IMAGENET_STD)
+    normalise = dict(dtype=out_types[dtype], output_layout="HWC" if channels_last else "CHW", mean=mean, std=std)
     with pipe:
         if feed.train:
             path, label, draws, mirror = fn.external_source(

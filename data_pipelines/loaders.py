@@ -9,7 +9,8 @@ import torch
 
 from data_pipelines.small_images import ImageArrays
 from data_pipelines.splits import epoch_shard
-from .errors import DataError
+from data_pipelines.errors import DataError
+from data_pipelines.normalise import Normalise
 
 
 def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
@@ -72,8 +73,7 @@ class ArrayLoader:
         self.padding = padding
         self.device = torch.device(device)
         self.epoch = 0
-        self._mean = torch.tensor(data.mean, device=self.device).view(1, -1, 1, 1) * 255
-        self._inv_std = 1 / (torch.tensor(data.std, device=self.device).view(1, -1, 1, 1) * 255)
+        self._normalise = Normalise(data.mean, data.std, self.device)
 
     def set_epoch(self, epoch: int) -> None:
         """Pick the epoch whose permutation and augmentation the next iteration uses."""
@@ -105,4 +105,4 @@ class ArrayLoader:
             labels = self.data.labels[sel].to(self.device, non_blocking=True)
             if self.train:
                 images = random_crop_flip(images, self.padding, generator)
-            yield (images.float() - self._mean) * self._inv_std, labels
+            yield self._normalise(images), labels

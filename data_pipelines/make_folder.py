@@ -23,7 +23,7 @@ import torchvision.io
 
 from data_pipelines.small_images import FASHION_MNIST_CLASSES, load_fashion_mnist
 from data_pipelines.splits import stratified_sample
-from .errors import DataError
+from data_pipelines.errors import DataError
 
 PHOTO_CLASS = "10_photo"
 

@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .errors import DataError
+from data_pipelines.errors import DataError
 
 Split = Literal["train", "test"]
 

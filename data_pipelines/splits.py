@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .errors import DataError
+from data_pipelines.errors import DataError
 
 LabelsLike = np.ndarray | torch.Tensor | Sequence[int]
 

@@ -86,7 +86,7 @@ def test_channels_last_ddp_install_after_a_prune(worker) -> None:
     """CPU: test_precision.test_install_after_a_prune_releases_the_old_network_and_keeps_channels_last."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from laasp_dist.training.worker import pruned_payload
+    from laasp_dist.training.coordinator import pruned_payload
 
     worker.install(_fresh(worker), "start")
     assert isinstance(worker.ddp, DistributedDataParallel)  # a one-rank run takes the DDP path too

@@ -36,7 +36,8 @@ from laasp_dist.pruning import Arch, PrunableNetwork, network_spec  # noqa: E402
 from laasp_dist.search import ScoreOptions, build_subset, score_fast, score_reference  # noqa: E402
 from laasp_dist.training.memory import MIB, PeakMemory  # noqa: E402
 from laasp_dist.training.rounds import gpu_shares  # noqa: E402
-from laasp_dist.training.worker import Worker, cuda_device, pruned_payload  # noqa: E402
+from laasp_dist.training.coordinator import pruned_payload  # noqa: E402
+from laasp_dist.training.worker import Worker, cuda_device  # noqa: E402
 
 TINY = {
     "name": "tiny-bf16", "seed": 0,

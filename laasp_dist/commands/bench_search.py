@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_pipelines.normalise import Normalise
+
 from ..config import PruneConfig
 from ..errors import ConfigError
 from ..pruning import Arch, PrunableNetwork, load_slim_model, save_slim_model
@@ -73,12 +75,11 @@ def _warm_up(net: PrunableNetwork, data: Any, steps: int, seed: int) -> float:
     g = torch.Generator().manual_seed(seed)
     model = net.model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-    std = torch.tensor(data.std).view(1, -1, 1, 1)
+    normalise = Normalise(data.mean, data.std)
     loss = torch.tensor(0.0)
     for _ in range(steps):
         idx = torch.randint(0, len(data), (128,), generator=g)
-        x = (data.images[idx].float() / 255 - mean) / std
+        x = normalise(data.images[idx])
         loss = torch.nn.functional.cross_entropy(model(x), data.labels[idx])
         opt.zero_grad()
         loss.backward()

@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from data_pipelines.normalise import Normalise
+
 from ..errors import DataError
 from ..storage import Storage, StorageError, as_storage
 
@@ -43,10 +45,8 @@ class Shard:
 
     def inputs(self, device: torch.device | str = "cpu", start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Normalised float32 images [start:stop] on `device` (the eval transform's last step)."""
-        x = self.images[start:stop].to(device, non_blocking=True).float().div_(255.0)
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1).to(x.device, non_blocking=True)
-        std = torch.tensor(self.std).view(1, -1, 1, 1).to(x.device, non_blocking=True)
-        return x.sub_(mean).div_(std)
+        x = self.images[start:stop].to(device, non_blocking=True)
+        return Normalise(self.mean, self.std, x.device)(x)
 
     def to(self, device: torch.device | str) -> "Shard":
         """This shard with its images and labels held on `device` (sample ids stay on the host)."""

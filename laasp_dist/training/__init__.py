@@ -6,7 +6,8 @@ Entry points: `run_job(config, out_dir, resume)` (driver) and `train_worker(loop
 
 from .checkpoint import CheckpointError, latest_state
 from .job import RunDirError, TrainingError, run_job
-from .worker import measure_slim_model, train_worker
+from .measure import measure_slim_model
+from .worker import train_worker
 
 __all__ = ["CheckpointError", "RunDirError", "TrainingError", "latest_state", "measure_slim_model", "run_job",
            "train_worker"]

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..errors import LaaspError
 from ..storage import Storage
@@ -54,6 +55,11 @@ def plain(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor) and obj.ndim == 0:
         return obj.item()
     return obj
+
+
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached, contiguous CPU copy of a model's state dict (what checkpoints and broadcasts carry)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
 def checkpoint_name(index: int) -> str:

@@ -35,7 +35,8 @@ from .checkpoint import CHECKPOINT_DIR, KEEP, latest_state
 from .data import INDEX_FILE, build_data_index, load_splits, read_data_index, subset_source, write_data_index
 from .rounds import gpu_shares
 from .schedule import schedule_warnings
-from .worker import SUMMARY, arch_of, train_worker
+from .run_record import SUMMARY
+from .worker import arch_of, train_worker
 
 CONFIG_FILE = "config.yaml"
 SUBSET_DIR = "subset"
