@@ -69,23 +69,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _warm_up(net: PrunableNetwork, data: Any, steps: int, seed: int) -> float:
-    """A few plain SGD steps on Fashion-MNIST train (bench only; training proper lives elsewhere)."""
+    """A few SGD steps (batch 128) of the training loop's step on Fashion-MNIST train, fp32 on the CPU."""
+    from ..precision import Numerics
+    from ..training.trainer import sgd_step
+
     if steps <= 0:
         return 0.0
     g = torch.Generator().manual_seed(seed)
     model = net.model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    normalise = Normalise(data.mean, data.std)
+    normalise, numerics = Normalise(data.mean, data.std), Numerics("fp32", False, "cpu")
     loss = torch.tensor(0.0)
     for _ in range(steps):
         idx = torch.randint(0, len(data), (128,), generator=g)
-        x = normalise(data.images[idx])
-        loss = torch.nn.functional.cross_entropy(model(x), data.labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        _, loss = sgd_step(model, opt, numerics, normalise(data.images[idx]), data.labels[idx])
     model.eval()
-    return float(loss.detach())
+    return float(loss)
 
 
 def _resized(subset: Any, size: int) -> Any:

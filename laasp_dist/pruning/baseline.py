@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..errors import PruningError
 from .criteria import get_criterion
-from .importance import Aggregation, group_importance, least_important
+from .importance import Aggregation
 from .network import PrunableNetwork, PruneRecord
 
 
@@ -30,25 +30,18 @@ def prune_by_criterion(
     """
     if not 0.0 < target_reduction < 1.0:
         raise PruningError(f"FLOPs reduction must be in (0, 1), got {target_reduction}")
-    crit = get_criterion(criterion)
+    get_criterion(criterion)
     made = []
     step = 0
     while net.macs_reduction < target_reduction - 1e-12:
-        best = None
-        for index, group in enumerate(net.groups):
-            k = net.step_size(group, step_fraction, max_prune_ratio, target_reduction, round_to=round_to)
-            if k < 1:
-                continue
-            scores = group_importance(group, crit, aggregation, seed=(seed + step) * 100_003 + index)
-            channels = least_important(scores, k)
-            cost = float(scores[list(channels)].mean())
-            if best is None or cost < best[0]:
-                best = (cost, group.name, channels)
-        if best is None:
+        # the one candidate generator of every pruning loop; seeded per step as a search round is per round
+        candidates = net.candidates([criterion], step_fraction, max_prune_ratio, target_reduction=target_reduction,
+                                    aggregation=aggregation, seed=seed + step, round_to=round_to)
+        if not candidates:
             raise PruningError(
                 f"FLOPs target {target_reduction:.1%} is unreachable with max_prune_ratio={max_prune_ratio}"
                 f"{f' and round_to={round_to}' if round_to > 1 else ''}: "
                 f"stopped at {net.macs_reduction:.1%}")
-        made.append(net.prune(best[1], best[2], criterion))
+        made.append(net.apply(min(candidates, key=lambda c: c.importance / len(c.channels))))  # mean importance
         step += 1
     return made

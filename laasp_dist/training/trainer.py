@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from ..precision import Numerics
 from ..pruning import network_spec
 from . import sync
 from .checkpoint import cpu_state
@@ -21,6 +23,20 @@ from .run_record import say
 from .schedule import epoch_done, learning_rate
 
 PROGRESS_EVERY = 25  # training steps between progress-bar loss updates (each one is a host-device sync)
+
+
+def sgd_step(forward: nn.Module, optimizer: torch.optim.Optimizer, numerics: Numerics, x: torch.Tensor,
+             y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training step of every loop: cross-entropy on `forward(x)` under `numerics`, backward, optimizer step.
+
+    `x` and `y` are on the model's device; returns the detached (logits, loss) without a host sync."""
+    with numerics.autocast():
+        logits = forward(numerics.inputs(x))
+        loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits.detach(), loss.detach()
 
 
 class EpochTrainer:
@@ -81,16 +97,10 @@ class EpochTrainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, sums: torch.Tensor) -> None:
         """One optimizer step on a batch; its loss and hits are added to `sums` on the device (no host sync)."""
-        n = self.numerics
-        x, y = n.inputs(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
-        with n.autocast():
-            logits = self.forward(x)
-            loss = F.cross_entropy(logits.float(), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        logits, _ = sgd_step(self.forward, self.optimizer, self.numerics, x, y)
         with torch.no_grad():
-            sums += accuracy_sums(logits.detach().float(), y)
+            sums += accuracy_sums(logits.float(), y)
 
     def measure(self, label: str) -> dict[str, Any]:
         """Val and test metrics of the current network (every rank evaluates its shard)."""
