@@ -1,5 +1,7 @@
 """Criteria: the formulas of SPEC §1 on hand-made filters; registry; group vs root aggregation."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -16,10 +18,19 @@ GEN = torch.Generator().manual_seed(0)
 def test_formulas():
     assert get_criterion("l1").fn(ROWS, GEN).tolist() == [1.0, 2.0, 7.0, 1.1]
     assert get_criterion("l2").fn(ROWS, GEN).tolist() == pytest.approx([1.0, 2.0, 5.0, (1.01) ** 0.5])
-    dist = torch.cdist(ROWS, ROWS).sum(1)
-    assert get_criterion("fpgm").fn(ROWS, GEN).tolist() == pytest.approx(dist.tolist())
-    unit = ROWS / ROWS.norm(dim=1, keepdim=True)
-    assert get_criterion("cosine").fn(ROWS, GEN).tolist() == pytest.approx((1 - unit @ unit.T).sum(1).tolist())
+    # fpgm and cosine against plain loops over every pair of filters (numpy, math), not torch's matrix forms
+    rows = ROWS.numpy()
+    n = len(rows)
+    dist = [sum(math.sqrt(sum((a - b) ** 2 for a, b in zip(rows[i], rows[j]))) for j in range(n)) for i in range(n)]
+    assert get_criterion("fpgm").fn(ROWS, GEN).tolist() == pytest.approx(dist, rel=1e-12)
+    assert dist[0] == pytest.approx(math.sqrt(5) + math.sqrt(20) + 0.1)  # row 0 by hand: to rows 1, 2, 3
+
+    def cos(u: np.ndarray, v: np.ndarray) -> float:
+        return float(np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v)))
+
+    cosine = [sum(1 - cos(rows[i], rows[j]) for j in range(n)) for i in range(n)]
+    assert get_criterion("cosine").fn(ROWS, GEN).tolist() == pytest.approx(cosine, rel=1e-12)
+    assert cosine[0] == pytest.approx(1 + (1 - 0.6) + (1 - 1 / math.sqrt(1.01)))  # row 0 by hand
 
 
 def test_pool_and_unknown():

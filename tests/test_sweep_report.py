@@ -121,6 +121,25 @@ def test_report_and_evaluate_on_a_finished_run(sweep):
     summary = json.loads((run / "summary.json").read_text())
     assert measured["test_top1"] == summary["final_metrics"]["test_top1"]
     assert measured["macs"] == summary["final"]["macs"]
+    # both numbers above come from measure_slim_model: final/ alone, measured here with a plain loop on the test split
+    import torch
+
+    from laasp_dist.config import load_config
+    from laasp_dist.pruning import load_slim_model
+    from laasp_dist.training.data import load_splits
+
+    test = load_splits(load_config(run / "config.yaml")).test
+    assert len(test) == TINY["data"]["test_limit"]
+    model = load_slim_model(run / "final").model.eval()
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (test.mean, test.std))
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(test), 50):
+            x = (test.images[i:i + 50].float() / 255 - mean) / std
+            correct += int((model(x).argmax(1) == test.labels[i:i + 50]).sum())
+    top1 = correct / len(test)
+    assert summary["final_metrics"]["test_top1"] == pytest.approx(top1, abs=1e-12)
+    assert measured["test_top1"] == pytest.approx(top1, abs=1e-12)
 
 
 @pytest.mark.timeout(120)

@@ -152,6 +152,26 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], messa
     assert len(lines) == 1 and message in lines[0], proc.stderr
 
 
+def test_run_folder_errors_reach_the_cli_as_one_line_exit_2(tmp_path: Path) -> None:
+    """RunDirError and CheckpointError as the user meets them: `laasp-dist run` on a folder that holds a run,
+    and `--resume` on one whose only checkpoint is damaged; one line, exit 2, nothing in the folder touched."""
+    def run(out: Path, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "laasp_dist.cli", "run", str(REPO / "jobs" / "demo.yaml"),
+                               "--out", str(out), *args], capture_output=True, text=True, timeout=120)
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "summary.json").write_text("{}")
+    damaged = _checkpoint(tmp_path / "damaged", 1, {"model": {}})
+    damaged.write_bytes(b"garbage")
+    for proc, message in [(run(tmp_path / "old"), "is not empty: pass --resume"),
+                          (run(tmp_path / "damaged", "--resume"), "is not a readable checkpoint")]:
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("laasp-dist: error: ") and message in lines[0], proc.stderr
+    assert (tmp_path / "old" / "summary.json").read_text() == "{}" and damaged.read_bytes() == b"garbage"
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["summary.json"]
+
+
 def test_jobs_configs_validate() -> None:
     from laasp_dist.config import load_config
 
