@@ -41,6 +41,7 @@ from torch import nn
 from .errors import LaaspError
 from .latency import device_name, pass_times_ms, resolve_round_to, torch_threads
 from .pruning import Arch, ChannelGroup, PrunableNetwork
+from .pruning.flops import trace_once
 from .pruning.steps import narrowest_width
 from .storage import Storage, StorageError, as_storage
 
@@ -127,17 +128,7 @@ def _input_sizes(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[st
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         sizes[names[module]] = tuple(inputs[0].shape[2:])
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
-    was_training = model.training
-    try:
-        model.eval()
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    trace_once(model, input_shape, (nn.Conv2d, nn.BatchNorm2d), hook)
     return sizes
 
 
