@@ -27,7 +27,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder whose final/ is a ResNet-20 pruned by 50 % FLOPs (l1), as the prune command writes it."""
     run = tmp_path_factory.mktemp("export") / "run"
     assert main(["prune", "resnet20", "--criterion", "l1", "--flops-reduction", "0.5", "--step-flops", "0.05",
-                 "--out", str(run / "final")]) == 0
+                 "--round-to", "1", "--out", str(run / "final")]) == 0
     return run
 
 

@@ -54,9 +54,10 @@ def nccl():
 
 @pytest.fixture
 def worker(nccl, tmp_path):
+    from laasp_dist.storage import Storage
     from laasp_dist.training.worker import Worker
 
-    return Worker(build_config(SYNTHETIC), tmp_path, tmp_path, 0, 1, nccl)
+    return Worker(build_config(SYNTHETIC), Storage(tmp_path), 0, 1, nccl, "test", False)
 
 
 def _fresh(worker) -> dict:

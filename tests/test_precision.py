@@ -34,6 +34,7 @@ from laasp_dist.errors import DeviceError, LaaspError  # noqa: E402
 from laasp_dist.precision import Numerics, resolve, score_numerics, train_numerics  # noqa: E402
 from laasp_dist.pruning import Arch, PrunableNetwork, network_spec  # noqa: E402
 from laasp_dist.search import ScoreOptions, build_subset, score_fast, score_reference  # noqa: E402
+from laasp_dist.storage import Storage  # noqa: E402
 from laasp_dist.training.memory import MIB, PeakMemory  # noqa: E402
 from laasp_dist.training.rounds import gpu_shares  # noqa: E402
 from laasp_dist.training.coordinator import pruned_payload  # noqa: E402
@@ -46,7 +47,7 @@ TINY = {
              "batch_size": 16, "eval_batch_size": 40},
     "train": {"total_epochs": 2, "lr": 0.05, "milestones": [], "steps_per_epoch": 2, "progress_bar": False},
     "prune": {"start_epoch": 1, "target_flops_reduction": 0.1, "step_flops": 0.05, "recover_flops": 0.1,
-              "recover_epochs": 1, "subset_size": 32, "subset_shards": 2, "criteria": ["l1"]},
+              "recover_epochs": 1, "subset_size": 32, "subset_shards": 2, "criteria": ["l1"], "round_to": 1},
     "ray": {"num_workers": 2, "search_workers": 1},
 }
 
@@ -146,7 +147,7 @@ def test_install_after_a_prune_releases_the_old_network_and_keeps_channels_last(
     from torch.nn.parallel import DistributedDataParallel
 
     cfg = config_of(train={"precision": "bf16", "channels_last": True})
-    worker = Worker(cfg, tmp_path, tmp_path, 0, 1, torch.device("cpu"))
+    worker = Worker(cfg, Storage(tmp_path), 0, 1, torch.device("cpu"), "test", False)
     worker.install(fresh_payload(worker), "start")
     assert isinstance(worker.ddp, DistributedDataParallel)  # a one-rank run takes the DDP path too
     batch = next(iter(worker.data.train_batches(0)))
@@ -190,9 +191,9 @@ def test_compile_survives_prunes_without_piling_up_graphs(tmp_path: Path) -> Non
     """One compiled graph per installed network (Dynamo is reset), and it trains like eager mode."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    compiled = Worker(config_of(train={"compile": True, "compile_backend": "aot_eager"}), tmp_path, tmp_path, 0, 1,
-                      torch.device("cpu"))
-    eager = Worker(config_of(), tmp_path, tmp_path, 0, 1, torch.device("cpu"))
+    compiled = Worker(config_of(train={"compile": True, "compile_backend": "aot_eager"}), Storage(tmp_path), 0, 1,
+                      torch.device("cpu"), "test", False)
+    eager = Worker(config_of(), Storage(tmp_path), 0, 1, torch.device("cpu"), "test", False)
     batch = next(iter(eager.data.train_batches(0)))
     payload = fresh_payload(eager)
     for round_ in range(3):

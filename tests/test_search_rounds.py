@@ -51,6 +51,7 @@ def make_net(name: str, size: int, seed: int = 0) -> PrunableNetwork:
 
 
 def prune_cfg(criteria, search="exact", **kw) -> PruneConfig:
+    kw.setdefault("round_to", 1)  # unrounded steps: the cases below size their rounds by single channels
     return PruneConfig(criteria=criteria, search=search, subset_size=64, subset_shards=2, shard_batch_size=32,
                        target_flops_reduction=kw.pop("target", 0.5), **kw)
 

@@ -152,10 +152,11 @@ def build_data_index(config: RunConfig) -> FolderIndex:
                                     {"verify": d.verify, "skip_bad": d.skip_bad, "indexed_root": str(root)})
 
 
-def write_data_index(run: Storage, index: FolderIndex) -> str:
+def write_data_index(run: str | Path | Storage, index: FolderIndex) -> str:
     """Store the data index in the run folder (atomically); returns where."""
     import pyarrow.parquet as pq
 
+    run = as_storage(run)
     table = index.to_table()
     run.write_with(INDEX_FILE, lambda p: pq.write_table(table, p, compression="zstd"))
     return run.uri_of(INDEX_FILE)
