@@ -318,7 +318,8 @@ def test_run_survives_losing_the_worker_node(local_cluster: LocalCluster, cluste
 
     def finished() -> bool:
         status = _run([str(RAY), "job", "status", "--address", local_cluster.jobs_url, job_id], local_cluster.env, 60)
-        return any(word in status.stdout for word in ("SUCCEEDED", "FAILED", "STOPPED"))
+        said = (status.stdout + status.stderr).lower()  # "Job '…' succeeded" is logged, to stderr
+        return any(f"' {word}" in said for word in ("succeeded", "failed", "stopped"))
 
     wait_for(finished, 480, "the job to end")
     logs = _run([str(RAY), "job", "logs", "--address", local_cluster.jobs_url, job_id], local_cluster.env, 60).stdout
