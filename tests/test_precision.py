@@ -290,9 +290,9 @@ def test_bf16_channels_last_job_on_two_cpu_ranks(bf16_run: Path) -> None:
     memory = training["memory"]
     assert memory["measure"] == "peak RSS (VmHWM)" and len(memory["per_round"]) == summary["rounds"]
     assert all(100 < m < 20_000 for m in memory["per_round"])  # MiB of a process holding ResNet-20 and data
-    from laasp_dist.training import load_checkpoint
+    from laasp_dist.training import latest_state
 
-    epochs = load_checkpoint(bf16_run)["epochs"]
+    epochs = latest_state(Storage(bf16_run))["epochs"]
     assert all(e["train_images_per_s"] > 0 and e["peak_memory_mib"] > 100 for e in epochs)
 
 

@@ -135,7 +135,8 @@ def user_error(exc: BaseException) -> LaaspError | None:
         seen.add(id(e))
         if isinstance(e, LaaspError):
             # Ray may hand back a class derived from ours and its own: rebuild ours, message in one line
-            cls = next(c for c in type(e).__mro__ if issubclass(c, LaaspError) and c.__module__.startswith("laasp_dist"))
+            cls = next(c for c in type(e).__mro__
+                       if issubclass(c, LaaspError) and c.__module__.split(".")[0] in ("laasp_dist", "data_pipelines"))
             return cls((str(e).strip().splitlines() or [""])[0])
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
         todo += list((getattr(e, "worker_failures", None) or {}).values())
