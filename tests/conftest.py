@@ -131,16 +131,10 @@ def ray_session(data_audit: SimpleNamespace):
     Its processes carry the data audit hook (they inherit the driver's environment at ray.init)."""
     import ray
 
-    saved = {k: os.environ.get(k) for k in data_audit.extra}
-    os.environ.update(data_audit.extra)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in data_audit.extra.items():
+            patch.setenv(key, value)
         ray.init(num_cpus=3, include_dashboard=False)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     yield
     ray.shutdown()
 
