@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,29 +240,39 @@ def test_cli_refuses_a_table_for_another_model_before_any_work(tmp_path, capsys)
 # round_to 8, the largest relative error of the estimated speed-up over 5 slim ResNet-20s was 9.7 % (median
 # 5.3 %, the estimate always below the measurement); the test allows a margin for a busier box.
 TOLERANCE = 0.15
+# The table and the networks are timed seconds apart; on a shared 2-core box a burst of other load in between
+# skews one side (a CI run at load 3 saw 1.75 estimated vs 1.46 measured). A wrong table or estimate misses on
+# every attempt; a burst of load does not last three.
+ATTEMPTS = 3
+
+
+def estimated_and_measured_speedups(nets: dict[str, PrunableNetwork], table_path: Path) -> dict[str, tuple[float, float]]:
+    """(estimated, measured) speed-up over the original of every slim network, from a table measured now."""
+    with torch_threads(1):
+        write_table(measure_table(R20, batch=8, round_to=8, repeats=7, warmup=2, threads=1), table_path)
+        times = pass_times_ms({k: v.model.eval() for k, v in nets.items()}, torch.randn(8, 3, 32, 32), 21, 3, False)
+    model = LatencyModel(read_table(table_path))
+    assert np.isfinite(model.original_ms) and model.original_ms > 0
+    ms = {k: statistics.median(t) for k, t in times.items()}
+    return {name: (model.original_ms / model.estimate_ms(net), ms["original"] / ms[name])
+            for name, net in nets.items() if name != "original"}
 
 
 @pytest.mark.timeout(300)
 def test_table_estimate_matches_measured_latency_on_this_cpu(tmp_path):
-    with torch_threads(1):
-        table = measure_table(R20, batch=8, round_to=8, repeats=7, warmup=2, threads=1)
-    write_table(table, tmp_path / "t.json")
     assert main(["latency-table", "resnet20", "--batch", "8", "--round-to", "8", "--repeats", "1", "--warmup", "0",
                  "--points", "2", "--threads", "1", "--out", str(tmp_path / "cli.json")]) == 0
     cli = read_table(tmp_path / "cli.json")
-    assert cli["device"]["threads"] == 1 and cli["batch"] == 8 and cli["layers"] == table["layers"]
-    model = LatencyModel(read_table(tmp_path / "t.json"))
+    assert cli["device"]["threads"] == 1 and cli["batch"] == 8
     nets = {"original": PrunableNetwork.create(R20)}
     for criterion, target in (("l1", 0.3), ("fpgm", 0.6)):
         torch.manual_seed(0)
         nets[criterion] = PrunableNetwork.create(R20)
         prune_by_criterion(nets[criterion], criterion, target, round_to=8)
-    x = torch.randn(8, 3, 32, 32)
-    with torch_threads(1):
-        times = pass_times_ms({k: v.model.eval() for k, v in nets.items()}, x, 21, 3, False)
-    ms = {k: statistics.median(t) for k, t in times.items()}
-    for name in ("l1", "fpgm"):
-        measured = ms["original"] / ms[name]
-        estimated = model.original_ms / model.estimate_ms(nets[name])
-        assert estimated == pytest.approx(measured, rel=TOLERANCE), (name, measured, estimated)
-    assert np.isfinite(model.original_ms) and model.original_ms > 0
+    attempts = []
+    for _ in range(ATTEMPTS):
+        attempts.append(estimated_and_measured_speedups(nets, tmp_path / "t.json"))
+        if all(e == pytest.approx(m, rel=TOLERANCE) for e, m in attempts[-1].values()):
+            break
+    assert all(e == pytest.approx(m, rel=TOLERANCE) for e, m in attempts[-1].values()), attempts
+    assert read_table(tmp_path / "t.json")["layers"] == cli["layers"]
