@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
+import socket
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 
 import pytest
 import torch
@@ -37,6 +42,21 @@ TINY = {
 # largest one measured over a whole pruning run (docs/benchmarks.md, "bf16 scoring"), far below the gaps
 # between candidates that decide a round.
 BF16_SCORE_REL_TOL = 1e-2
+
+
+def run_cli(*args: object) -> subprocess.CompletedProcess:
+    """`laasp-dist ARGS` in this process, as the console script calls `main` (exit code, stdout, stderr): a
+    command's whole path without a fresh interpreter's seconds of imports. test_cli_core::test_flops_json runs
+    the installed console script itself."""
+    from laasp_dist.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(["laasp-dist", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def randomise_bn(model: nn.Module, seed: int = 0, bias_scale: float = 0.5) -> None:
@@ -124,15 +144,41 @@ def data_audit(jpeg_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> S
     return SimpleNamespace(log=log, moved=moved, env={**os.environ, **env}, extra=env)
 
 
+S3_BUCKET = "runs"
+
+
 @pytest.fixture(scope="session")
-def ray_session(data_audit: SimpleNamespace):
+def s3_server() -> Iterator[dict[str, str]]:
+    """moto's S3 server on 127.0.0.1 with one bucket (S3_BUCKET), standing in for S3: the environment that
+    points boto3 and pyarrow at it. Not set in this process; the Ray session's processes carry it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    try:
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=S3_BUCKET)
+        yield env
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(data_audit: SimpleNamespace, s3_server: dict[str, str]):
     """One embedded Ray for every in-process Ray test (3 logical CPUs: 2 Train workers + 1 search actor).
 
-    Its processes carry the data audit hook (they inherit the driver's environment at ray.init)."""
+    Its processes carry the data audit hook and the S3 server's address (they inherit the driver's
+    environment at ray.init)."""
     import ray
 
     with pytest.MonkeyPatch.context() as patch:
-        for key, value in data_audit.extra.items():
+        for key, value in {**data_audit.extra, **s3_server}.items():
             patch.setenv(key, value)
         ray.init(num_cpus=3, include_dashboard=False)
     yield

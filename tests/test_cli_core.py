@@ -3,19 +3,28 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "laasp-dist"
+
 
 def cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "laasp_dist.cli", *args], capture_output=True, text=True, timeout=120)
+    proc = run_cli(*args)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
 
 
 def test_flops_json():
-    out = json.loads(cli("flops", "resnet18", "--json").stdout)
+    # the installed console script, in a process of its own; the other tests call its `main` in this one
+    proc = subprocess.run([str(CONSOLE_SCRIPT), "flops", "resnet18", "--json"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
     assert out["model"] == "resnet18" and out["params"] == 11_689_512
     assert out["flops"] == 2 * out["macs"] and abs(out["macs"] - 1.82e9) / 1.82e9 < 0.01
     small = json.loads(cli("flops", "resnet20", "--input", "1x32x32", "--classes", "10", "--json").stdout)

@@ -16,8 +16,6 @@ import copy
 import json
 import os
 import shutil
-import subprocess
-import sys
 import weakref
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import torch
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from conftest import BF16_SCORE_REL_TOL, randomise_bn  # noqa: E402
+from conftest import BF16_SCORE_REL_TOL, randomise_bn, run_cli  # noqa: E402
 from laasp_dist.config import build_config  # noqa: E402
 from laasp_dist.errors import DeviceError, LaaspError  # noqa: E402
 from laasp_dist.precision import Numerics, resolve, score_numerics, train_numerics  # noqa: E402
@@ -272,11 +270,6 @@ def bf16_run(ray_with_a_gpu, tmp_path_factory) -> Path:
     return out
 
 
-def cli(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "laasp_dist.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=900)
-
-
 @pytest.mark.timeout(900)
 def test_bf16_channels_last_job_on_two_cpu_ranks(bf16_run: Path) -> None:
     summary = json.loads((bf16_run / "summary.json").read_text())
@@ -299,13 +292,13 @@ def test_bf16_channels_last_job_on_two_cpu_ranks(bf16_run: Path) -> None:
 @pytest.mark.timeout(900)
 def test_evaluate_rechecks_the_final_numbers_the_way_they_were_measured(bf16_run: Path, tmp_path: Path) -> None:
     summary = json.loads((bf16_run / "summary.json").read_text())
-    proc = cli("evaluate", bf16_run)
+    proc = run_cli("evaluate", bf16_run)
     assert proc.returncode == 0, proc.stderr[-2000:]
     measured = json.loads(proc.stdout)
     assert measured["precision"] == "bf16" and measured["channels_last"] is True
     assert measured["test_top1"] == summary["final_metrics"]["test_top1"]
     assert measured["test_loss"] == pytest.approx(summary["final_metrics"]["test_loss"], rel=1e-12)
-    fp32 = json.loads(cli("evaluate", bf16_run, "--precision", "fp32").stdout)
+    fp32 = json.loads(run_cli("evaluate", bf16_run, "--precision", "fp32").stdout)
     assert fp32["precision"] == "fp32" and fp32["test_loss"] != measured["test_loss"]
     if torch.cuda.is_available():
         return
@@ -315,7 +308,7 @@ def test_evaluate_rechecks_the_final_numbers_the_way_they_were_measured(bf16_run
     recorded = json.loads((gpu_run / "summary.json").read_text())
     recorded["final_metrics"]["device"] = "cuda"
     (gpu_run / "summary.json").write_text(json.dumps(recorded))
-    proc = cli("evaluate", gpu_run)
+    proc = run_cli("evaluate", gpu_run)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "measured its final numbers on cuda" in lines[0] and "--device cpu" in lines[0]

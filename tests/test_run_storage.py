@@ -1,32 +1,35 @@
-"""Run folders on an object store: moto's S3 server on 127.0.0.1 stands in for S3.
+"""Run folders on an object store: moto's S3 server on 127.0.0.1 (conftest) stands in for S3.
 
 Storage round trips (checked with boto3, not with the pyarrow code under test) and one-line
-errors; then the tiny job written to ``s3://…``: its driver is killed outright mid-run (every
-process it started, found by an environment marker), ``--resume`` from the URI finishes it
-with the uninterrupted run's history, nothing lands on the local disk, and report, evaluate,
-export and latency read the run back from the URI.
+errors; then the tiny job written to ``s3://…`` with one restart allowed: a killed Train worker
+is replaced by Ray with nobody intervening, a second kill stops the run, ``resume`` from the URI
+finishes it with the uninterrupted run's history, nothing lands on the local disk, and report,
+evaluate, export and latency read the run back from the URI. (A driver killed outright and
+resumed by the command is test_sweep_report's.)
 """
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import os
 import socket
-import subprocess
-import sys
+import threading
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import pytest
 import yaml
 
-from conftest import TINY
+from conftest import S3_BUCKET as BUCKET
+from conftest import TINY, run_cli
+from laasp_dist.config import build_config
 from laasp_dist.storage import Storage, StorageError
-from processes import checkpoints_reported, kill, pids_with_env, wait_for
-
-BUCKET = "runs"
-MARK = "LAASP_TEST_DRIVER"
+from laasp_dist.training import TrainingError, run_job
+from processes import checkpoints_reported, kill, train_worker_pids, wait_for
 
 
 def _free_port() -> int:
@@ -36,24 +39,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def s3() -> dict[str, str]:
-    """An S3 server with one bucket; its address and credentials in this process's environment too."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            for key, value in env.items():
-                patch.setenv(key, value)
-            boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
-            yield env
-    finally:
-        server.stop()
+def s3(s3_server: dict[str, str]) -> Iterator[dict[str, str]]:
+    """The S3 server's address and credentials, in this process's environment for the module."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in s3_server.items():
+            patch.setenv(key, value)
+        yield s3_server
 
 
 def _object(s3: dict[str, str], key: str) -> bytes:
@@ -69,11 +60,6 @@ def _keys(s3: dict[str, str], prefix: str) -> list[str]:
     client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"])
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
     return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
-
-
-def _cli(*args: str | Path, cwd: Path, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "laasp_dist.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 # ------------------------------------------------------------------------------------ the storage layer
@@ -132,40 +118,44 @@ def test_storage_failures_are_one_line_storage_errors(s3: dict[str, str], tmp_pa
 
 
 @pytest.fixture(scope="module")
-def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
-    return path
-
-
-@pytest.fixture(scope="module")
-def s3_run(s3: dict[str, str], config_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The tiny job on s3://runs/tiny: driver killed outright after the 4th checkpoint, then --resume."""
+def s3_run(ray_session, s3: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny job on s3://runs/tiny with ``ray.max_failures=1``, run from an empty working directory: one
+    Train worker SIGKILLed after the 3rd checkpoint (Ray restarts the worker group from the checkpoint on
+    S3), both after the 6th (no restart left: the run stops with an error), then resumed from the URI."""
     uri = f"s3://{BUCKET}/tiny"
+    config = copy.deepcopy(TINY)
+    config["ray"]["max_failures"] = 1
     cwd = tmp_path_factory.mktemp("cwd")  # the default run folder would be cwd/runs/tiny
-    marker = uuid.uuid4().hex
-    env = {**os.environ, **s3, MARK: marker}
-    driver = subprocess.Popen([sys.executable, "-m", "laasp_dist.cli", "run", str(config_file), "--out", uri],
-                              cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: checkpoints_reported(uri) >= 4 or driver.poll() is not None, 600, "the 4th checkpoint")
-    finally:
-        kill(pids_with_env(MARK, marker))  # the driver, its embedded Ray and every worker
-    driver.wait(timeout=60)
-    left = pids_with_env(MARK, marker)
-    state_after_kill = {"returncode": driver.returncode, "left": left, "checkpoints": checkpoints_reported(uri),
-                        "summary": Storage(uri).is_file("summary.json")}
-    resumed = _cli("run", config_file, "--out", uri, "--resume", cwd=cwd, env={**os.environ, **s3})
-    return {"uri": uri, "cwd": cwd, "killed": state_after_kill, "resumed": resumed}
+    killed: list[int] = []
+
+    def kill_workers() -> None:
+        wait_for(lambda: checkpoints_reported(uri) >= 3 and train_worker_pids(os.getpid()), 600, "checkpoint 3")
+        killed.append(train_worker_pids(os.getpid())[-1])
+        kill(killed[-1:])
+        wait_for(lambda: checkpoints_reported(uri) >= 6 and train_worker_pids(os.getpid()), 600, "checkpoint 6")
+        killed.extend(train_worker_pids(os.getpid()))
+        kill(killed[1:])
+
+    killer = threading.Thread(target=kill_workers, daemon=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        killer.start()
+        with pytest.raises(TrainingError) as stopped:
+            run_job(build_config(config), uri)
+        killer.join(timeout=1)
+        state_after_stop = {"checkpoints": checkpoints_reported(uri), "summary": Storage(uri).is_file("summary.json")}
+        resumed = run_job(build_config(config), uri, resume=True)
+    return {"uri": uri, "cwd": cwd, "killed": killed, "stopped": str(stopped.value), "after_stop": state_after_stop,
+            "resumed": resumed}
 
 
 @pytest.mark.timeout(900)
-def test_a_run_on_s3_survives_a_killed_driver_with_the_same_history(s3_run: dict, tiny_run: Path,
-                                                                    s3: dict[str, str]) -> None:
-    killed, resumed = s3_run["killed"], s3_run["resumed"]
-    assert killed["returncode"] == -9 and killed["left"] == [] and not killed["summary"]
-    assert killed["checkpoints"] >= 4
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+def test_a_run_on_s3_survives_lost_workers_and_a_stop_with_the_same_history(s3_run: dict, tiny_run: Path,
+                                                                            s3: dict[str, str]) -> None:
+    killed, after_stop = s3_run["killed"], s3_run["after_stop"]
+    assert len(killed) == 3 and not any(Path(f"/proc/{pid}").exists() for pid in killed)
+    assert after_stop["checkpoints"] >= 6 and not after_stop["summary"]
+    assert "\n" not in s3_run["stopped"]
     keys = _keys(s3, "tiny/")
     for expected in ("tiny/config.yaml", "tiny/summary.json", "tiny/history.parquet", "tiny/final/spec.json",
                      "tiny/final/weights.pt", "tiny/subset/manifest.json", "tiny/widths.png"):
@@ -173,39 +163,51 @@ def test_a_run_on_s3_survives_a_killed_driver_with_the_same_history(s3_run: dict
     assert any(k.startswith("tiny/tensorboard/events.out.tfevents.") for k in keys)
     assert any(k.startswith("tiny/checkpoints/checkpoint_") and k.endswith("/state.pt") for k in keys)
     summary = json.loads(_object(s3, "tiny/summary.json"))
-    assert summary["resumed"] == 1 and summary["restarts"] == []
-    history = pd.read_parquet(__import__("io").BytesIO(_object(s3, "tiny/history.parquet")))
+    assert summary["resumed"] == 1 and len(summary["restarts"]) == 1
+    restart = summary["restarts"][0]
+    assert restart["restart"] == 1 and restart["rounds"] >= 1  # it went on from a mid-pruning checkpoint
+    history = pd.read_parquet(io.BytesIO(_object(s3, "tiny/history.parquet")))
     pd.testing.assert_frame_equal(pd.read_parquet(tiny_run / "history.parquet"), history)
-    assert summary["final"] == json.loads((tiny_run / "summary.json").read_text())["final"]
+    full = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["winners"] == full["winners"] and summary["final"] == full["final"]
+    assert summary["final_metrics"]["test_top1"] == full["final_metrics"]["test_top1"]
     assert list(s3_run["cwd"].iterdir()) == []  # nothing on the local disk, not even runs/
 
 
 @pytest.mark.timeout(600)
 def test_report_evaluate_export_and_latency_read_the_run_from_the_uri(s3_run: dict, s3: dict[str, str],
-                                                                      tmp_path: Path) -> None:
-    uri, env = s3_run["uri"], {**os.environ, **s3}
-    assert s3_run["resumed"].returncode == 0
-    report = _cli("report", uri, cwd=tmp_path, env=env)
-    assert report.returncode == 0, report.stderr[-2000:]
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = s3_run["uri"]
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli("report", uri)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ("training.png", "criteria.png", "widths.png"):
         assert _object(s3, f"tiny/report/{name}")[:4] == b"\x89PNG"
-    evaluate = _cli("evaluate", uri, cwd=tmp_path, env=env)
-    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    proc = run_cli("evaluate", uri)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(_object(s3, "tiny/summary.json"))
-    assert json.loads(evaluate.stdout)["test_top1"] == summary["final_metrics"]["test_top1"]
-    export = _cli("export", uri, "--format", "torchscript", cwd=tmp_path, env=env)
-    assert export.returncode == 0, export.stderr[-2000:]
-    assert json.loads(export.stdout)["out"] == f"{uri}/export/model.pt" and _object(s3, "tiny/export/model.pt")
-    latency = _cli("latency", uri, "--batch", "2", "--repeats", "2", "--warmup", "0", "--json", cwd=tmp_path, env=env)
-    assert latency.returncode == 0, latency.stderr[-2000:]
-    assert json.loads(latency.stdout)["macs"]["slim"] == summary["final"]["macs"]
+    assert json.loads(proc.stdout)["test_top1"] == summary["final_metrics"]["test_top1"]
+    proc = run_cli("export", uri, "--format", "torchscript")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["out"] == f"{uri}/export/model.pt" and _object(s3, "tiny/export/model.pt")
+    proc = run_cli("latency", uri, "--batch", "2", "--repeats", "2", "--warmup", "0", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["macs"]["slim"] == summary["final"]["macs"]
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.timeout(300)
-def test_bad_run_locations_are_one_line_errors(s3_run: dict, s3: dict[str, str], config_file: Path,
-                                               tmp_path: Path) -> None:
-    uri, env = s3_run["uri"], {**os.environ, **s3}
+def test_bad_run_locations_are_one_line_errors(s3_run: dict, s3: dict[str, str], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = s3_run["uri"]
+    config = copy.deepcopy(TINY)
+    config["ray"]["max_failures"] = 1  # the run's own config: only what a case sets differs
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     cases = [
         (["--out", uri], "is not empty: pass --resume"),
         (["--out", uri, "--resume", "--set", "prune.step_flops=0.1"], "--resume with a different config: "
@@ -214,7 +216,7 @@ def test_bad_run_locations_are_one_line_errors(s3_run: dict, s3: dict[str, str],
         (["--out", str(config_file / "run")], "cannot write to"),
     ]
     for args, message in cases:
-        proc = _cli("run", config_file, *args, cwd=tmp_path, env=env, timeout=120)
+        proc = run_cli("run", config_file, *args)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (args, proc.stderr[-2000:])
-    assert _keys(s3, "no-such") == [] and list(tmp_path.iterdir()) == []
+    assert _keys(s3, "no-such") == [] and list(cwd.iterdir()) == []

@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import run_cli
+
 TINY = {
     "name": "tiny", "seed": 0,
     "model": {"name": "resnet20"},
@@ -109,13 +111,13 @@ def test_seeded_summary_is_the_mean_and_sample_sd_of_the_trials(sweep):
 @pytest.mark.timeout(900)
 def test_report_and_evaluate_on_a_finished_run(sweep):
     run = sweep[2] / "trials" / "step_flops=0.05_seed=0"
-    proc = cli("report", run)
+    proc = run_cli("report", run)
     assert proc.returncode == 0, proc.stderr[-2000:]
     names = {Path(line).name for line in proc.stdout.split()}
     assert names == {"training.png", "criteria.png", "widths.png"}
     for name in names:
         assert (run / "report" / name).read_bytes()[:4] == b"\x89PNG"
-    proc = cli("evaluate", run)
+    proc = run_cli("evaluate", run)
     assert proc.returncode == 0, proc.stderr[-2000:]
     measured = json.loads(proc.stdout)
     summary = json.loads((run / "summary.json").read_text())
@@ -159,7 +161,7 @@ def test_bad_input_is_one_line(args, message, config_file, tmp_path):
     (run / "config.yaml").write_text(config_file.read_text())
     (run / "tensorboard").mkdir()
     subs = {"CFG": str(config_file), "OUT": str(tmp_path / "out"), "RUN": str(run)}
-    proc = cli(*[subs.get(a, a) for a in args])
+    proc = run_cli(*[subs.get(a, a) for a in args])
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -1,13 +1,11 @@
 """The main job end to end on tiny real data (Fashion-MNIST) with 2 Ray Train workers on CPU.
 
 One embedded Ray (conftest) serves the module; the uninterrupted tiny run (conftest) is shared
-with other modules, and one more run here has a Train worker killed from outside mid-run.
+with other modules (test_run_storage kills its workers mid-run and compares with it).
 """
 
 from __future__ import annotations
 
-import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,6 @@ from laasp_dist.pruning import load_slim_model
 from laasp_dist.storage import Storage
 from laasp_dist.training import latest_state, run_job
 from laasp_dist.training.data import load_splits
-from processes import checkpoints_reported, kill, train_worker_pids, wait_for
 
 TARGET = TINY_TARGET
 
@@ -29,26 +26,6 @@ TARGET = TINY_TARGET
 @pytest.fixture(scope="module")
 def full_run(tiny_run: Path) -> Path:
     return tiny_run
-
-
-@pytest.fixture(scope="module")
-def restarted_run(ray_session, tmp_path_factory) -> tuple[Path, list[int]]:
-    """The TINY job with one Ray Train worker SIGKILLed after the 3rd checkpoint (mid-pruning):
-    nobody intervenes, Ray restarts the worker group. Returns (run folder, the killed pid)."""
-    out = tmp_path_factory.mktemp("restarted") / "run"
-    killed: list[int] = []
-
-    def kill_a_worker() -> None:
-        wait_for(lambda: checkpoints_reported(out) >= 3 and train_worker_pids(os.getpid()), 600, "a checkpoint")
-        victim = train_worker_pids(os.getpid())[-1]
-        kill([victim])
-        killed.append(victim)
-
-    killer = threading.Thread(target=kill_a_worker, daemon=True)
-    killer.start()
-    run_job(build_config(TINY), out)
-    killer.join(timeout=1)
-    return out, killed
 
 
 @pytest.mark.timeout(900)
@@ -93,25 +70,6 @@ def test_ranks_hold_identical_weights_after_every_prune(full_run: Path) -> None:
         digests = checks[f"round {r}"]
         assert len(digests) == 2 and digests[0] == digests[1]
     assert len({d[0] for d in checks.values()}) == len(checks)  # the weights did change between rounds
-
-
-@pytest.mark.timeout(600)
-def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_nothing_happened(
-        full_run: Path, restarted_run: tuple[Path, list[int]]) -> None:
-    import json
-
-    run, killed = restarted_run
-    assert len(killed) == 1 and not Path(f"/proc/{killed[0]}").exists()
-    summary = json.loads((run / "summary.json").read_text())
-    assert len(summary["restarts"]) == 1 and summary["resumed"] == 0
-    restart = summary["restarts"][0]
-    assert restart["restart"] == 1 and restart["rounds"] >= 1  # it went on from a mid-pruning checkpoint
-    pd.testing.assert_frame_equal(pd.read_parquet(full_run / "history.parquet"),
-                                  pd.read_parquet(run / "history.parquet"))
-    full = json.loads((full_run / "summary.json").read_text())
-    assert summary["winners"] == full["winners"]
-    assert summary["final"] == full["final"]
-    assert summary["final_metrics"]["test_top1"] == full["final_metrics"]["test_top1"]
 
 
 @pytest.mark.timeout(900)

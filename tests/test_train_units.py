@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_cli
 from laasp_dist.config import build_config
 from laasp_dist.errors import ConfigError
 from laasp_dist.pruning import Arch, PrunableNetwork
@@ -145,8 +145,7 @@ def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
     (["--resume"], "cannot resume"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "laasp_dist.cli", "run", str(REPO / "jobs" / "demo.yaml"),
-                           "--out", str(tmp_path / "run"), *args], capture_output=True, text=True, timeout=120)
+    proc = run_cli("run", REPO / "jobs" / "demo.yaml", "--out", tmp_path / "run", *args)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
@@ -156,8 +155,7 @@ def test_run_folder_errors_reach_the_cli_as_one_line_exit_2(tmp_path: Path) -> N
     """RunDirError and CheckpointError as the user meets them: `laasp-dist run` on a folder that holds a run,
     and `--resume` on one whose only checkpoint is damaged; one line, exit 2, nothing in the folder touched."""
     def run(out: Path, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "laasp_dist.cli", "run", str(REPO / "jobs" / "demo.yaml"),
-                               "--out", str(out), *args], capture_output=True, text=True, timeout=120)
+        return run_cli("run", REPO / "jobs" / "demo.yaml", "--out", out, *args)
 
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "summary.json").write_text("{}")
