@@ -278,13 +278,13 @@ def _run_entrypoint(out: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference_run(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The cluster job's config run uninterrupted on this process's embedded Ray (a run's history does not
-    depend on where its ranks sit): what a run that loses a node must still end with."""
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cluster job's config run uninterrupted on an embedded Ray of its own, started and stopped by the run
+    (a run's history does not depend on where its ranks sit): what a run that loses a node must still end with."""
     from laasp_dist.training import run_job
 
     out = tmp_path_factory.mktemp("reference") / "run"
-    run_job(load_config(ROOT / "jobs" / "demo.yaml", TINY_RUN), out)
+    run_job(load_config(ROOT / "jobs" / "demo.yaml", [s for s in TINY_RUN if not s.startswith("ray.address=")]), out)
     return out
 
 

@@ -23,7 +23,7 @@ TINY = {
     "train": {"total_epochs": 2, "lr": 0.05, "milestones": [1], "steps_per_epoch": 2, "progress_bar": False},
     "prune": {"start_epoch": 1, "target_flops_reduction": 0.1, "step_flops": 0.05, "recover_flops": 0.1,
               "recover_epochs": 0, "subset_size": 64, "subset_shards": 2, "criteria": ["l1", "fpgm"]},
-    "ray": {"num_workers": 2, "search_workers": 1},
+    "ray": {"num_workers": 2, "search_executor": "ranks"},  # no search actor to start in each trial
 }
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
 
