@@ -552,7 +552,7 @@ def latency_summary(model: LatencyModel | None, final_dir: str | Path | Storage,
                      "device": report["device_name"], "precision": "bf16" if bf16 else "fp32",
                      "threads": report["threads"], "load_avg_1m": report["load_avg_1m"],
                      "repeats": repeats, "warmup": warmup},
-        "flops_promise": 1 / report["macs"]["ratio"],
+        "flops_promise": report["macs"]["original"] / report["macs"]["slim"],  # not from the rounded ratio
         "table": None, "estimated": None,
     }
     if model is not None:
