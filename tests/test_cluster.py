@@ -320,6 +320,6 @@ def test_run_trains_across_both_nodes_and_survives_losing_one(local_cluster: Loc
     assert len(summary["restarts"]) >= 1, logs[-3000:]
     assert "[laasp] restart 1: Ray Train restarted the worker group" in logs
     assert summary["flops_reduction"] >= 0.1 - 1e-9
-    reference = reference_run
-    pd.testing.assert_frame_equal(pd.read_parquet(reference / "history.parquet"), pd.read_parquet(out / "history.parquet"))
-    assert summary["final"] == json.loads((reference / "summary.json").read_text())["final"]
+    pd.testing.assert_frame_equal(pd.read_parquet(reference_run / "history.parquet"),
+                                  pd.read_parquet(out / "history.parquet"))
+    assert summary["final"] == json.loads((reference_run / "summary.json").read_text())["final"]
