@@ -112,7 +112,12 @@ class PruneConfig(Section):
         "vector lanes otherwise (resolved when the run's config is built)")
     target: Literal["flops", "latency"] = Field("flops", description="what target and steps measure")
     target_latency_reduction: float = Field(0.35, gt=0, lt=1, description="with target=latency: fraction of the "
-                                            "unpruned network's table-estimated latency to remove")
+                                            "unpruned network's latency to remove (steps follow the table's estimate; "
+                                            "measured checks, latency_checks, keep the measurement honest)")
+    latency_checks: int = Field(3, ge=0, description="with target=latency: when the estimate reaches the target, time "
+                                "the network against its unpruned original and, while the measured reduction is more "
+                                "than half a step short, prune on to a corrected estimate; at most this many checks "
+                                "(0: stop at the table's estimate)")
     step_latency: float = Field(0.01, gt=0, lt=1, description="with target=latency: estimated latency per candidate")
     recover_latency: float = Field(0.02, gt=0, lt=1, description="with target=latency: recovery after this much")
     latency_table: str | None = Field(None, description="a `laasp-dist latency-table` file; none with "

@@ -128,6 +128,22 @@ def _prepare(model: nn.Module, device: torch.device, channels_last: bool) -> nn.
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
+def time_pair(original: nn.Module, slim: nn.Module, input_shape: tuple[int, ...], batch: int, device: torch.device,
+              *, bf16: bool, repeats: int, warmup: int, channels_last: bool) -> BatchTiming:
+    """Both models timed in turns at one batch size (random input, seeded; the models are moved to `device`
+    and put in eval mode: pass copies of a model that is still training)."""
+    models = {"original": _prepare(original, device, channels_last), "slim": _prepare(slim, device, channels_last)}
+    x = torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(0)).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    times = pass_times_ms(models, x, repeats, warmup, bf16)
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    return BatchTiming(batch, round(ms["original"], 4), round(ms["slim"], 4),
+                       round(1000.0 * batch / ms["original"], 2), round(1000.0 * batch / ms["slim"], 2),
+                       round(ms["original"] / ms["slim"], 4),
+                       round(min(times["original"]), 4), round(min(times["slim"]), 4))
+
+
 def benchmark(path: str | Path | Storage, batches: list[int], device: str = "cpu", bf16: bool = False,
               repeats: int = 20, warmup: int = 3, channels_last: bool | None = None) -> dict[str, Any]:
     """Time the slim model under `path` (run folder or slim-model folder) against its unpruned original."""
@@ -145,19 +161,8 @@ def benchmark(path: str | Path | Storage, batches: list[int], device: str = "cpu
     original = create_model(arch.model, arch.num_classes, arch.in_channels)
     original_cost, slim_cost = count_cost(original, arch.input_shape), net.cost
     dev = torch.device(device)
-    models = {"original": _prepare(original, dev, channels_last), "slim": _prepare(net.model, dev, channels_last)}
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for batch in batches:
-        x = torch.randn((batch, *arch.input_shape), generator=gen).to(dev)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        times = pass_times_ms(models, x, repeats, warmup, bf16)
-        ms = {name: statistics.median(t) for name, t in times.items()}
-        rows.append(BatchTiming(batch, round(ms["original"], 4), round(ms["slim"], 4),
-                                round(1000.0 * batch / ms["original"], 2), round(1000.0 * batch / ms["slim"], 2),
-                                round(ms["original"] / ms["slim"], 4),
-                                round(min(times["original"]), 4), round(min(times["slim"]), 4)))
+    rows = [time_pair(original, net.model, arch.input_shape, batch, dev, bf16=bf16,
+                      repeats=repeats, warmup=warmup, channels_last=channels_last) for batch in batches]
     return {
         "model": arch.model,
         "input_shape": list(arch.input_shape),

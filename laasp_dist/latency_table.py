@@ -23,6 +23,7 @@ The file is JSON (`FORMAT`, `VERSION`) with the model, input, device, batch, pre
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -46,7 +47,7 @@ from .pruning.steps import narrowest_width
 from .storage import Storage, StorageError, as_storage
 
 if TYPE_CHECKING:
-    from .config import RunConfig
+    from .config import PruneConfig, RunConfig
 
 FORMAT = "laasp-dist/latency-table"
 VERSION = 1
@@ -523,6 +524,21 @@ def table_estimate(table_path: str | Path | Storage, model_dir: str | Path | Sto
             "original_ms": model.original_ms, "slim_ms": slim, "speedup": model.original_ms / slim}
 
 
+def _timing(model: LatencyModel | None, device: torch.device, config: "RunConfig") -> tuple[int, bool, bool, int | None]:
+    """(batch, bf16, channels_last, threads) a run times its networks at: the table's, or without one
+    `prune.latency_batch` and what a table would be measured at (all cores on a CPU; the training's
+    bf16 and channels_last on a GPU)."""
+    gpu = device.type == "cuda"
+    if model is not None:
+        t = model.table
+        return model.batch, t["precision"] == "bf16", t["channels_last"], None if gpu else t["device"].get("threads")
+    from .precision import train_numerics
+
+    numerics = train_numerics(config, device)
+    return (config.prune.latency_batch, gpu and numerics.precision == "bf16", gpu and numerics.channels_last,
+            None if gpu else os.cpu_count())
+
+
 def latency_summary(model: LatencyModel | None, final_dir: str | Path | Storage, device: torch.device, config: "RunConfig",
                     repeats: int = 10, warmup: int = 3) -> dict[str, Any]:
     """summary.json's `latency`: final/'s speed-up over the unpruned original measured now on this device (as
@@ -531,17 +547,7 @@ def latency_summary(model: LatencyModel | None, final_dir: str | Path | Storage,
     from .latency import benchmark
     from .pruning import load_slim_model
 
-    gpu = device.type == "cuda"
-    if model is not None:
-        t = model.table
-        batch, bf16, channels_last = model.batch, t["precision"] == "bf16", t["channels_last"]
-        threads = None if gpu else t["device"].get("threads")
-    else:
-        batch, threads = config.prune.latency_batch, None if gpu else os.cpu_count()
-        from .precision import train_numerics
-
-        numerics = train_numerics(config, device)
-        bf16, channels_last = gpu and numerics.precision == "bf16", gpu and numerics.channels_last
+    batch, bf16, channels_last, threads = _timing(model, device, config)
     with torch_threads(threads):
         report = benchmark(final_dir, [batch], device=device.type, bf16=bf16, repeats=repeats, warmup=warmup,
                            channels_last=channels_last)
@@ -561,3 +567,41 @@ def latency_summary(model: LatencyModel | None, final_dir: str | Path | Storage,
         out["estimated"] = {"base_ms": model.original_ms, "final_ms": final_ms,
                             "reduction": 1 - final_ms / model.original_ms, "speedup": model.original_ms / final_ms}
     return out
+
+
+# ------------------------------------------------------------------------------------------- measured checks
+
+
+def measured_reduction(model: LatencyModel, net: PrunableNetwork, device: torch.device, config: "RunConfig",
+                       repeats: int = 10, warmup: int = 3) -> dict[str, Any]:
+    """`net` (a copy of it: it may be training) timed now against a fresh unpruned original, in turns, at the
+    table's batch, precision and thread count; beside the table's estimate of the same reduction."""
+    from .latency import time_pair
+    from .models import create_model
+
+    batch, bf16, channels_last, threads = _timing(model, device, config)
+    arch = net.arch
+    with torch.random.fork_rng(devices=[]):  # the original's initialisation must not move the run's RNG
+        original = create_model(arch.model, arch.num_classes, arch.in_channels)
+    slim = copy.deepcopy(net.model)
+    with torch_threads(threads):
+        row = time_pair(original, slim, arch.input_shape, batch, device, bf16=bf16, repeats=repeats, warmup=warmup,
+                        channels_last=channels_last)
+    return {"estimated": model.reduction(net), "measured": 1 - row.slim_ms / row.original_ms, "batch": batch,
+            "base_ms": row.original_ms, "ms": row.slim_ms, "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def next_latency_aim(cfg: "PruneConfig", estimated: float, measured: float, reachable: float,
+                     checks_done: int) -> float | None:
+    """After a measured check at the estimate's target: the estimated reduction to prune on to, or None to stop.
+
+    Stops once the measurement is within half a step of `target_latency_reduction`, after `latency_checks`
+    checks, or when the caps leave less than half a step to gain. Otherwise the estimate is aimed where the
+    target would be measured if measured and estimated latency keep their present ratio:
+    1 − (1 − target)·(1 − estimated)/(1 − measured), at most `reachable`.
+    """
+    target, step = cfg.target_latency_reduction, cfg.step_latency
+    if measured >= target - step / 2 or checks_done >= cfg.latency_checks:
+        return None
+    aim = min(1.0 - (1.0 - target) * (1.0 - estimated) / (1.0 - measured), reachable)
+    return aim if aim - estimated >= step / 2 else None

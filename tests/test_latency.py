@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -19,9 +20,11 @@ from laasp_dist.cli import main
 from laasp_dist.config import PruneConfig, build_config
 from laasp_dist.errors import ConfigError, PruningError
 from laasp_dist.latency import pass_times_ms, resolve_round_to, torch_threads
-from laasp_dist.latency_table import (LatencyModel, LatencyTableError, measure_table, network_sites, read_table,
-                                      reachable_ranges, write_table)
+from laasp_dist.latency_table import (LatencyModel, LatencyTableError, measure_table, measured_reduction,
+                                      network_sites, next_latency_aim, read_table, reachable_ranges, run_table,
+                                      write_table)
 from laasp_dist.pruning import Arch, PrunableNetwork, load_slim_model, replay, save_slim_model
+from laasp_dist.storage import Storage
 from laasp_dist.pruning.baseline import prune_by_criterion
 from laasp_dist.pruning.steps import macs_removed, min_width
 from laasp_dist.search import build_subset, prune_to_target
@@ -276,3 +279,46 @@ def test_table_estimate_matches_measured_latency_on_this_cpu(tmp_path):
             break
     assert all(e == pytest.approx(m, rel=TOLERANCE) for e, m in attempts[-1].values()), attempts
     assert read_table(tmp_path / "t.json")["layers"] == cli["layers"]
+
+
+# ------------------------------------------------------------------------------------------- measured checks
+
+
+def test_next_latency_aim_corrects_the_estimate_by_the_measured_ratio():
+    cfg = PruneConfig(target="latency", target_latency_reduction=0.35, step_latency=0.04, latency_checks=3)
+    # the demo's miss: estimated -35 %, measured -29.8 % -> the estimate must reach 1 - 0.65 * 0.65 / 0.702
+    assert next_latency_aim(cfg, 0.35, 0.298, 0.9, 1) == pytest.approx(1 - 0.65 * 0.65 / 0.702, rel=1e-12)
+    assert next_latency_aim(cfg, 0.36, 0.331, 0.9, 1) is None  # within half a step (0.02) of the target
+    assert next_latency_aim(cfg, 0.35, 0.40, 0.9, 1) is None  # past it: nothing can be given back
+    assert next_latency_aim(cfg, 0.35, 0.298, 0.9, 3) is None  # the last check allowed
+    assert next_latency_aim(cfg, 0.35, 0.298, 0.38, 1) == pytest.approx(0.38)  # at most what the caps reach
+    assert next_latency_aim(cfg, 0.35, 0.298, 0.36, 1) is None  # less than half a step left to gain
+
+
+def test_a_measured_check_times_a_copy_and_leaves_the_training_network_alone():
+    model = LatencyModel(synthetic_table(R20))  # batch 4, one thread; its estimate is synthetic, the timing real
+    torch.manual_seed(0)
+    net = PrunableNetwork.create(R20)
+    prune_by_criterion(net, "fpgm", 0.6, round_to=8)
+    net.model.train()
+    weights = {k: v.clone() for k, v in net.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    check = measured_reduction(model, net, torch.device("cpu"), build_config({}), repeats=5, warmup=1)
+    assert torch.equal(torch.get_rng_state(), rng) and net.model.training
+    assert all(torch.equal(v, weights[k]) for k, v in net.model.state_dict().items())
+    assert check["estimated"] == pytest.approx(model.reduction(net), rel=1e-12) and check["batch"] == 4
+    assert 0.2 < check["measured"] < 0.8 and check["ms"] < check["base_ms"]  # -60 % FLOPs runs faster, not 2.5x
+
+
+def test_a_latency_run_without_a_table_measures_one_on_its_device_and_keeps_it(tmp_path):
+    config = build_config({"prune": {"target": "latency", "target_latency_reduction": 0.1, "round_to": 8,
+                                     "latency_batch": 4}})
+    arch = R20
+    table = run_table(config, Storage(tmp_path), arch, torch.device("cpu"), say=lambda _: None)
+    assert read_table(tmp_path / "latency_table.json") == table
+    assert table["batch"] == 4 and table["round_to"] == 8 and table["device"]["threads"] == os.cpu_count()
+    assert run_table(config, Storage(tmp_path), arch, torch.device("cpu"), say=lambda _: None) == table  # kept
+    assert run_table(build_config({}), Storage(tmp_path / "flops"), arch, torch.device("cpu")) is None
+    far = config.model_copy(update={"prune": config.prune.model_copy(update={"target_latency_reduction": 0.95})})
+    with pytest.raises(PruningError, match="target latency reduction 95.0% is unreachable for resnet20"):
+        run_table(far, Storage(tmp_path), arch, torch.device("cpu"))

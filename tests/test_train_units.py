@@ -18,7 +18,8 @@ from laasp_dist.training import CheckpointError, RunDirError
 from laasp_dist.training.checkpoint import CHECKPOINT_DIR, STATE_FILE, checkpoint_name, latest_state, write_state
 from laasp_dist.training.job import check_run_dir
 from laasp_dist.training.momentum import load_momentum, momentum_by_name, removed_indices, slice_momentum
-from laasp_dist.training.schedule import ScheduleState, epoch_done, learning_rate, next_action, schedule_warnings
+from laasp_dist.training.schedule import (ScheduleState, book_latency_check, epoch_done, learning_rate, next_action,
+                                          schedule_warnings)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,6 +55,35 @@ def test_schedule_overrun_warns_and_still_reaches_target() -> None:
     assert any("more than train.total_epochs" in w for w in schedule_warnings(cfg))
     actions = _walk(cfg, 0.02)
     assert actions.count("round") == 5 and actions[-1] == "train:recover"
+
+
+def test_latency_target_checks_the_measurement_and_prunes_on_to_the_moved_aim() -> None:
+    """Reaching the estimate's target asks for a check; a check that moves the aim sends pruning on to it (the
+    recovery spacing still applies), a settling one ends pruning; none with latency_checks 0."""
+    cfg = build_config({"train": {"total_epochs": 6},
+                        "prune": {"start_epoch": 1, "target": "latency", "target_latency_reduction": 0.2,
+                                  "step_latency": 0.1, "recover_latency": 0.2, "recover_epochs": 1}})
+    state, reduction, actions = ScheduleState(), 0.0, []
+    measured = {0.2: 0.12, 0.4: 0.25}  # what each check "measures" at that estimated reduction
+    while (a := next_action(state, cfg, reduction)) != "done":
+        actions.append(a)
+        if a == "train":
+            epoch_done(state)
+        elif a == "round":
+            reduction, state.rounds = round(reduction + 0.1, 6), state.rounds + 1
+        elif a == "check_latency":
+            aim = 0.4 if not state.latency_checks else None
+            book_latency_check(state, {"estimated": reduction, "measured": measured[reduction]}, aim)
+        assert len(actions) < 100
+    assert actions == (["train", "before_pruning", "round", "round", "check_latency", "train",
+                        "round", "round", "check_latency", "train"] + ["train"] * 3)
+    assert [(c["round"], c["estimated"], c["next_aim"]) for c in state.latency_checks] == [(2, 0.2, 0.4),
+                                                                                          (4, 0.4, None)]
+    assert state.latency_settled and state.target_reached
+    assert ScheduleState.from_dict(state.as_dict()) == state  # checkpointed as plain values
+    no_checks = build_config(cfg.model_dump() | {"prune": cfg.prune.model_dump() | {"latency_checks": 0}})
+    state = ScheduleState(phase="prune", epoch=1)
+    assert next_action(state, no_checks, 0.2) == "train" and state.phase == "recover"
 
 
 def test_learning_rate_schedules() -> None:

@@ -129,4 +129,8 @@ def _summary_text(s: dict) -> str:
                  f"({m['base_ms']:.1f} -> {m['final_ms']:.1f} ms, -{m['reduction']:.1%}, load {m['load_avg_1m']}), "
                  f"FLOPs promise {latency['flops_promise']:.2f}x"
                  + (f", table estimate {e['speedup']:.2f}x (-{e['reduction']:.1%})" if e else "") + "\n")
+    for i, c in enumerate(s.get("latency_checks") or [], 1):
+        then = "settled" if c["next_aim"] is None else f"aim moved to -{c['next_aim']:.1%} estimated"
+        text += (f"latency check {i} after round {c['round']}: estimated -{c['estimated']:.1%}, "
+                 f"measured -{c['measured']:.1%} at batch {c['batch']}: {then}\n")
     return text

@@ -88,7 +88,8 @@ def prune_to_target(net: PrunableNetwork, subset: SearchSubset, cfg: PruneConfig
                     latency: LatencyModel | None = None) -> list[RoundResult]:
     """Repeat rounds (search, apply the winner) until the target is reached: the MACs down by
     `cfg.target_flops_reduction`, or with `cfg.target == "latency"` the `latency` model's estimate
-    down by `cfg.target_latency_reduction`.
+    down by `cfg.target_latency_reduction` (the estimate alone: the measured checks of a latency target,
+    `prune.latency_checks`, belong to the training schedule).
 
     Writes the full candidate table of every round to `history_path` (Parquet) after each round.
     """

@@ -22,6 +22,7 @@ from . import sync
 from .checkpoint import cpu_state, plain
 from .momentum import load_momentum, momentum_by_name, removed_indices, slice_momentum
 from .run_record import SUBSET_DIR, say
+from .schedule import book_latency_check
 
 
 class Coordinator:
@@ -71,7 +72,8 @@ class Coordinator:
         all_ranks = executor_kind(self.config) == "ranks"
         if self.searcher is None and (self.coordinator or all_ranks):  # built at the first round
             self.searcher = Searcher(self.config, self.storage.child(SUBSET_DIR), self.device, self.rank, self.world)
-        result = self.searcher.run(self.net, index, self.latency) if (self.coordinator or all_ranks) else None
+        result = (self.searcher.run(self.net, index, self.latency, self.state.latency_aim)
+                  if (self.coordinator or all_ranks) else None)
         payload = self._apply_winner(index, result) if self.coordinator else None
         del result
         payload = sync.broadcast(payload, device=self.device)
@@ -82,6 +84,29 @@ class Coordinator:
         if self.coordinator:
             self.rounds[-1]["peak_memory_mib"] = peak
             self.monitor.scalars(index, {"memory/round_peak_mib": peak})
+
+    def check_latency(self) -> None:
+        """The estimate reached the latency target: the coordinator times the network against its unpruned
+        original and decides whether to prune on (`latency_table.next_latency_aim`); every rank books it."""
+        from ..latency_table import measured_reduction, next_latency_aim
+        from ..search.round import round_to_of
+
+        booked = None
+        if self.coordinator:
+            p = self.config.prune
+            check = measured_reduction(self.latency, self.net, self.device, self.config)
+            reachable = self.latency.max_reduction(self.net, p.max_prune_ratio, round_to_of(p))
+            aim = next_latency_aim(p, check["estimated"], check["measured"], reachable,
+                                   len(self.state.latency_checks) + 1)
+            then = "settled" if aim is None else f"pruning on to an estimated -{aim:.1%}"
+            say(f"[laasp] latency check {len(self.state.latency_checks) + 1}: estimated -{check['estimated']:.1%}, "
+                f"measured -{check['measured']:.1%} at batch {check['batch']} (target -{p.target_latency_reduction:.0%}"
+                f"): {then}")
+            self.monitor.scalars(self.state.rounds, {"prune/latency_check_measured": check["measured"],
+                                                     "prune/latency_check_estimated": check["estimated"]})
+            booked = {"check": check, "aim": aim}
+        booked = sync.broadcast(booked, device=self.device)
+        book_latency_check(self.state, booked["check"], booked["aim"])
 
     def _apply_winner(self, index: int, result: Any) -> dict[str, Any]:
         """Coordinator: prune the winner, record the round, and return the payload every rank installs."""

@@ -93,9 +93,13 @@ class Searcher:
         """Whether every rank takes part in a round (else the coordinator alone)."""
         return self.kind == "ranks"
 
-    def run(self, net: PrunableNetwork, index: int, latency: LatencyModel | None = None) -> RoundResult:
-        """One round; with ``ranks``, every rank calls this and gets rank 0's candidate list."""
+    def run(self, net: PrunableNetwork, index: int, latency: LatencyModel | None = None,
+            latency_aim: float | None = None) -> RoundResult:
+        """One round; with ``ranks``, every rank calls this and gets rank 0's candidate list. `latency_aim`: the
+        estimated reduction a measured latency check moved the target to (steps are trimmed to it)."""
         p, seed = self.config.prune, self.config.seed
+        if latency_aim is not None:
+            p = p.model_copy(update={"target_latency_reduction": latency_aim})
         candidates = None
         if self.all_ranks:
             mine = (round_candidates(net, p, self.subset, round_index=index, seed=seed, latency=latency)

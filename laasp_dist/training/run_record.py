@@ -121,6 +121,7 @@ class RunRecord:
             "target_latency_reduction": (self.config.prune.target_latency_reduction
                                          if self.config.prune.target == "latency" else None),
             "latency": latency,
+            "latency_checks": self.state.latency_checks,
             "before_pruning": self.before,
             "final_metrics": {**final, "selected_epoch": selected, "selected_by": "best held-out val top-1 "
                               "after the target was reached" if self.best is not None else "last epoch"},

@@ -7,7 +7,11 @@ Phases, in order:
   recovery (at least ``recover_flops - step_flops/2``: a step only lands near its size),
   or the target is reached; with ``prune.target: latency`` the same in the table-estimated
   latency (``target_latency_reduction``, ``step_latency``, ``recover_latency``), the
-  caller passing the estimated latency reduction as ``reduction``;
+  caller passing the estimated latency reduction as ``reduction``. There, reaching the
+  target first asks for a measured check (``"check_latency"``, at most
+  ``prune.latency_checks``): the caller times the network and books the result with
+  `book_latency_check`, which either settles the target or moves the estimate's aim on
+  (`latency_table.next_latency_aim`);
 - ``recover``: train ``recover_epochs`` epochs (ordinary epochs of the LR schedule),
   then back to ``prune`` — or, once the target is reached, on to
 - ``finetune``: train up to ``train.total_epochs``;
@@ -83,6 +87,9 @@ class ScheduleState:
     reduction_at_recovery: float = 0.0  # reduction (in the target's unit) when the last recovery started
     target_reached: bool = False
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    latency_aim: float | None = None  # target=latency: the estimated reduction aimed at after a measured check
+    latency_settled: bool = False  # target=latency: no more measured checks
+    latency_checks: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,7 +106,8 @@ def next_action(state: ScheduleState, config: RunConfig, reduction: float) -> st
     """Advance phase transitions that need no work and return what to do next.
 
     Returns one of ``"train"`` (train epoch ``state.epoch``), ``"round"`` (one search/apply
-    round), ``"before_pruning"`` (measure the unpruned model, then pruning starts) or ``"done"``.
+    round), ``"before_pruning"`` (measure the unpruned model, then pruning starts),
+    ``"check_latency"`` (time the network, then `book_latency_check`) or ``"done"``.
     ``reduction`` is measured in the unit of ``prune.target`` (FLOPs, or estimated latency).
     """
     p, t = config.prune, config.train
@@ -111,7 +119,9 @@ def next_action(state: ScheduleState, config: RunConfig, reduction: float) -> st
             state.phase = "prune"
             return "before_pruning"
         if state.phase == "prune":
-            reached = reduction >= target - EPS
+            reached = reduction >= aim(state, config) - EPS
+            if reached and p.target == "latency" and p.latency_checks > 0 and not state.latency_settled:
+                return "check_latency"
             # steps are only about one step each: recover once the next step would overshoot the
             # recovery mark by more than we are short of it
             chunk_done = reduction - state.reduction_at_recovery >= recover - step / 2 - EPS
@@ -139,3 +149,18 @@ def epoch_done(state: ScheduleState) -> None:
     state.epoch += 1
     if state.phase == "recover":
         state.recover_left -= 1
+
+
+def aim(state: ScheduleState, config: RunConfig) -> float:
+    """The reduction pruning goes on to, in the target's unit: the target, or the aim of the last measured check."""
+    return config.prune.goal()[0] if state.latency_aim is None else state.latency_aim
+
+
+def book_latency_check(state: ScheduleState, check: dict[str, Any], next_aim: float | None) -> None:
+    """Record a measured check (`latency_table.measured_reduction`'s figures) and what follows: prune on to
+    `next_aim` (an estimated reduction), or, with None, the target is settled."""
+    state.latency_checks.append({"round": state.rounds, "epoch": state.epoch, **check, "next_aim": next_aim})
+    if next_aim is None:
+        state.latency_settled = True
+    else:
+        state.latency_aim = next_aim

@@ -180,6 +180,9 @@ class Worker(EpochTrainer, Coordinator, RunRecord):
                     break
                 if action == "train":
                     self.train_epoch()
+                elif action == "check_latency":
+                    with self._timed("latency"):
+                        self.check_latency()
                 elif action == "before_pruning":
                     with self._timed("eval"):
                         self.before = self.measure("before pruning")
