@@ -114,10 +114,10 @@ class PruneConfig(Section):
     target_latency_reduction: float = Field(0.35, gt=0, lt=1, description="with target=latency: fraction of the "
                                             "unpruned network's latency to remove (steps follow the table's estimate; "
                                             "measured checks, latency_checks, keep the measurement honest)")
-    latency_checks: int = Field(3, ge=0, description="with target=latency: when the estimate reaches the target, time "
-                                "the network against its unpruned original and, while the measured reduction is more "
-                                "than half a step short, prune on to a corrected estimate; at most this many checks "
-                                "(0: stop at the table's estimate)")
+    latency_checks: int = Field(4, ge=0, description="with target=latency: before a recovery within recover_latency "
+                                "of the target, time the network against its unpruned original and aim the estimate "
+                                "where the target would be measured; at most this many checks in a run (0: trust "
+                                "the table's estimate)")
     step_latency: float = Field(0.01, gt=0, lt=1, description="with target=latency: estimated latency per candidate")
     recover_latency: float = Field(0.02, gt=0, lt=1, description="with target=latency: recovery after this much")
     latency_table: str | None = Field(None, description="a `laasp-dist latency-table` file; none with "

@@ -484,7 +484,14 @@ def run_table(config: "RunConfig", run: Storage, arch: Arch, device: torch.devic
     """Coordinator, before pretraining: the run folder's table, checked against this device; or, for a
     latency target without one, a table measured now on this device at `prune.latency_batch`
     (all of the machine's cores on a CPU; the training's bf16 and channels_last on a GPU) and kept in the
-    run folder. A latency target the table cannot reach is an error here. None: no table, FLOPs target."""
+    run folder. A latency target the table cannot reach is an error here. None: no table, FLOPs target.
+    The run's random stream is left as it was (a latency-targeted run pretrains as the FLOPs-targeted one)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _run_table(config, run, arch, device, say)
+
+
+def _run_table(config: "RunConfig", run: Storage, arch: Arch, device: torch.device,
+               say: Callable[[str], None]) -> dict[str, Any] | None:
     from .precision import train_numerics
 
     p, numerics = config.prune, train_numerics(config, device)
@@ -591,17 +598,17 @@ def measured_reduction(model: LatencyModel, net: PrunableNetwork, device: torch.
             "base_ms": row.original_ms, "ms": row.slim_ms, "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
-def next_latency_aim(cfg: "PruneConfig", estimated: float, measured: float, reachable: float,
-                     checks_done: int) -> float | None:
-    """After a measured check at the estimate's target: the estimated reduction to prune on to, or None to stop.
+def next_latency_aim(cfg: "PruneConfig", estimated: float, measured: float, reachable: float) -> float | None:
+    """After a measured check: the estimated reduction to prune to, or None when the target is settled.
 
-    Stops once the measurement is within half a step of `target_latency_reduction`, after `latency_checks`
-    checks, or when the caps leave less than half a step to gain. Otherwise the estimate is aimed where the
-    target would be measured if measured and estimated latency keep their present ratio:
-    1 − (1 − target)·(1 − estimated)/(1 − measured), at most `reachable`.
+    Settled once the measurement is within half a step of `target_latency_reduction` (or past it), or when
+    the caps leave less than half a step to gain. Otherwise the estimate is aimed where the target would
+    be measured if measured and estimated latency keep their present ratio:
+    1 − (1 − target)·(1 − estimated)/(1 − measured), at most `reachable` (always above `estimated`: the
+    measurement is short of the target).
     """
     target, step = cfg.target_latency_reduction, cfg.step_latency
-    if measured >= target - step / 2 or checks_done >= cfg.latency_checks:
+    if measured >= target - step / 2:
         return None
     aim = min(1.0 - (1.0 - target) * (1.0 - estimated) / (1.0 - measured), reachable)
     return aim if aim - estimated >= step / 2 else None

@@ -152,9 +152,9 @@ def test_importance_selection_prunes_without_subset_losses(ray_session, tmp_path
 def test_latency_target_run_checks_the_measurement_and_prunes_on_when_the_table_overstates(ray_session, tmp_path: Path,
                                                                                            capsys) -> None:
     """A table that overstates the savings (this CPU's, every layer's latency raised to the 4th power): the run
-    prunes by its estimate to the target, measures, finds the network far short, moves the estimate's aim and
-    prunes on to it, and settles at the last check allowed; widths rounded to 8 after every round; estimated
-    and measured latency reported. (A run measuring its own table: test_latency.py.)"""
+    prunes by its estimate to the target, measures, finds the network far short, aims the estimate further and,
+    its one check spent, prunes on to that aim; widths rounded to 8 after every round; estimated and measured
+    latency reported. (A run measuring its own table: test_latency.py; more checks: test_train_units.py.)"""
     import copy
     import json
 
@@ -172,7 +172,7 @@ def test_latency_target_run_checks_the_measurement_and_prunes_on_when_the_table_
     write_table(table, tmp_path / "overstated.json")
     cfg = copy.deepcopy(TINY)
     cfg["prune"] |= {"target": "latency", "target_latency_reduction": target, "step_latency": step,
-                     "recover_latency": 0.2, "round_to": 8, "latency_checks": 2,
+                     "recover_latency": 0.2, "round_to": 8, "latency_checks": 1,
                      "latency_table": str(tmp_path / "overstated.json")}
     run = tmp_path / "run"
     summary = run_job(build_config(cfg), run)
@@ -186,17 +186,15 @@ def test_latency_target_run_checks_the_measurement_and_prunes_on_when_the_table_
         reductions.append(model.reduction(net))
         assert all(w % 8 == 0 for w in net.widths().values()), net.widths()
     assert len(reductions) == summary["rounds"]
-    first, last = summary["latency_checks"]
-    # the first check: where the estimate first reached the target, measured far short, the aim moved on
-    assert first["estimated"] == pytest.approx(reductions[first["round"] - 1], rel=1e-9)
-    assert first["estimated"] >= target
-    assert all(r < target for r in reductions[:first["round"] - 1])
-    assert first["measured"] < target - step / 2 and first["next_aim"] > first["estimated"]
-    assert first["next_aim"] == pytest.approx(1 - (1 - target) * (1 - first["estimated"]) / (1 - first["measured"]))
-    # pruning went on to the aim, and the second (last allowed) check settled it
-    assert last["round"] == len(reductions) > first["round"] and last["next_aim"] is None
-    assert all(r < first["next_aim"] for r in reductions[first["round"]:-1]) and reductions[-1] >= first["next_aim"]
-    assert last["estimated"] == pytest.approx(reductions[-1], rel=1e-9)
+    (check,) = summary["latency_checks"]
+    # the check: where the estimate first came within a recovery of the target, measured far short, aim moved
+    assert check["estimated"] == pytest.approx(reductions[check["round"] - 1], rel=1e-9)
+    assert check["estimated"] >= target - 0.2 and all(r < target - 0.2 for r in reductions[:check["round"] - 1])
+    assert check["measured"] < target - step / 2 and check["next_aim"] > max(check["estimated"], target)
+    assert check["next_aim"] == pytest.approx(1 - (1 - target) * (1 - check["estimated"]) / (1 - check["measured"]))
+    # then pruned on, by the estimate, to the aim
+    assert len(reductions) > check["round"] and reductions[-1] >= check["next_aim"]
+    assert all(r < check["next_aim"] for r in reductions[check["round"]:-1])
     assert all(w % 8 == 0 for w in json.loads((run / "final" / "spec.json").read_text())["widths"].values())
     latency = summary["latency"]
     assert latency["estimated"]["reduction"] == pytest.approx(reductions[-1], rel=1e-9)
@@ -215,7 +213,7 @@ def test_latency_target_run_checks_the_measurement_and_prunes_on_when_the_table_
     write_report(run)
     text = (run / "report" / "summary.txt").read_text()
     assert "measured speed-up" in text and "FLOPs promise" in text and "table estimate" in text
-    assert "latency check 1 after round" in text and "aim moved to" in text and "settled" in text
+    assert "latency check 1 after round" in text and "aiming at" in text
     capsys.readouterr()
     assert main(["latency", str(run), "--batch", "8", "--repeats", "2", "--warmup", "0", "--json"]) == 0
     est = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["table_estimate"]

@@ -57,14 +57,10 @@ def test_schedule_overrun_warns_and_still_reaches_target() -> None:
     assert actions.count("round") == 5 and actions[-1] == "train:recover"
 
 
-def test_latency_target_checks_the_measurement_and_prunes_on_to_the_moved_aim() -> None:
-    """Reaching the estimate's target asks for a check; a check that moves the aim sends pruning on to it (the
-    recovery spacing still applies), a settling one ends pruning; none with latency_checks 0."""
-    cfg = build_config({"train": {"total_epochs": 6},
-                        "prune": {"start_epoch": 1, "target": "latency", "target_latency_reduction": 0.2,
-                                  "step_latency": 0.1, "recover_latency": 0.2, "recover_epochs": 1}})
+def _walk_latency(cfg, measured: dict[float, tuple[float, float | None]]) -> tuple[list[str], ScheduleState]:
+    """Actions of a latency-targeted schedule whose rounds each remove 0.1 of the estimate; a check at estimate e
+    'measures' measured[e] = (measured reduction, the aim the coordinator would then set)."""
     state, reduction, actions = ScheduleState(), 0.0, []
-    measured = {0.2: 0.12, 0.4: 0.25}  # what each check "measures" at that estimated reduction
     while (a := next_action(state, cfg, reduction)) != "done":
         actions.append(a)
         if a == "train":
@@ -72,18 +68,38 @@ def test_latency_target_checks_the_measurement_and_prunes_on_to_the_moved_aim() 
         elif a == "round":
             reduction, state.rounds = round(reduction + 0.1, 6), state.rounds + 1
         elif a == "check_latency":
-            aim = 0.4 if not state.latency_checks else None
-            book_latency_check(state, {"estimated": reduction, "measured": measured[reduction]}, aim)
+            m, aim = measured[reduction]
+            book_latency_check(state, {"estimated": reduction, "measured": m}, aim)
         assert len(actions) < 100
+    return actions, state
+
+
+def test_latency_target_checks_the_measurement_near_the_target_and_moves_the_aim() -> None:
+    """A recovery within recover_latency of the aim (or at it) is preceded by one measured check; a check that
+    moves the aim sends pruning on to it, one that reaches the target ends pruning even below the estimate's
+    target; none once latency_checks are spent, or with 0."""
+    base = {"train": {"total_epochs": 6},
+            "prune": {"start_epoch": 1, "target": "latency", "target_latency_reduction": 0.2, "step_latency": 0.1,
+                      "recover_latency": 0.2, "recover_epochs": 1}}
+    cfg = build_config(base)
+    actions, state = _walk_latency(cfg, {0.2: (0.12, 0.4), 0.4: (0.25, None)})
     assert actions == (["train", "before_pruning", "round", "round", "check_latency", "train",
                         "round", "round", "check_latency", "train"] + ["train"] * 3)
     assert [(c["round"], c["estimated"], c["next_aim"]) for c in state.latency_checks] == [(2, 0.2, 0.4),
                                                                                           (4, 0.4, None)]
     assert state.latency_settled and state.target_reached
     assert ScheduleState.from_dict(state.as_dict()) == state  # checkpointed as plain values
-    no_checks = build_config(cfg.model_dump() | {"prune": cfg.prune.model_dump() | {"latency_checks": 0}})
-    state = ScheduleState(phase="prune", epoch=1)
-    assert next_action(state, no_checks, 0.2) == "train" and state.phase == "recover"
+    # target 0.5, recoveries every 0.2: no check at 0.2 (more than one recovery away), one at 0.4 measures 0.5
+    far = build_config(base | {"prune": base["prune"] | {"target_latency_reduction": 0.5}})
+    actions, state = _walk_latency(far, {0.4: (0.5, None)})
+    assert actions[:8] == ["train", "before_pruning", "round", "round", "train", "round", "round", "check_latency"]
+    assert state.latency_settled and state.rounds == 4 and actions.count("check_latency") == 1
+    one = build_config(base | {"prune": base["prune"] | {"latency_checks": 1}})
+    actions, state = _walk_latency(one, {0.2: (0.12, 0.4)})  # the one check spent: pruned on to the aim by estimate
+    assert actions.count("check_latency") == 1 and state.rounds == 4 and not state.latency_settled
+    none = build_config(base | {"prune": base["prune"] | {"latency_checks": 0}})
+    actions, state = _walk_latency(none, {})
+    assert "check_latency" not in actions and state.rounds == 2
 
 
 def test_learning_rate_schedules() -> None:

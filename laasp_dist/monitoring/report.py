@@ -130,7 +130,7 @@ def _summary_text(s: dict) -> str:
                  f"FLOPs promise {latency['flops_promise']:.2f}x"
                  + (f", table estimate {e['speedup']:.2f}x (-{e['reduction']:.1%})" if e else "") + "\n")
     for i, c in enumerate(s.get("latency_checks") or [], 1):
-        then = "settled" if c["next_aim"] is None else f"aim moved to -{c['next_aim']:.1%} estimated"
+        then = "target reached" if c["next_aim"] is None else f"aiming at -{c['next_aim']:.1%} estimated"
         text += (f"latency check {i} after round {c['round']}: estimated -{c['estimated']:.1%}, "
                  f"measured -{c['measured']:.1%} at batch {c['batch']}: {then}\n")
     return text

@@ -86,8 +86,9 @@ class Coordinator:
             self.monitor.scalars(index, {"memory/round_peak_mib": peak})
 
     def check_latency(self) -> None:
-        """The estimate reached the latency target: the coordinator times the network against its unpruned
-        original and decides whether to prune on (`latency_table.next_latency_aim`); every rank books it."""
+        """A recovery near (or at) the latency target is due: the coordinator times the network against its
+        unpruned original and decides where pruning goes (`latency_table.next_latency_aim`); every rank books
+        it (`schedule.book_latency_check`)."""
         from ..latency_table import measured_reduction, next_latency_aim
         from ..search.round import round_to_of
 
@@ -96,9 +97,8 @@ class Coordinator:
             p = self.config.prune
             check = measured_reduction(self.latency, self.net, self.device, self.config)
             reachable = self.latency.max_reduction(self.net, p.max_prune_ratio, round_to_of(p))
-            aim = next_latency_aim(p, check["estimated"], check["measured"], reachable,
-                                   len(self.state.latency_checks) + 1)
-            then = "settled" if aim is None else f"pruning on to an estimated -{aim:.1%}"
+            aim = next_latency_aim(p, check["estimated"], check["measured"], reachable)
+            then = "target reached" if aim is None else f"aiming at an estimated -{aim:.1%}"
             say(f"[laasp] latency check {len(self.state.latency_checks) + 1}: estimated -{check['estimated']:.1%}, "
                 f"measured -{check['measured']:.1%} at batch {check['batch']} (target -{p.target_latency_reduction:.0%}"
                 f"): {then}")

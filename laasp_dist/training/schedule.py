@@ -7,10 +7,11 @@ Phases, in order:
   recovery (at least ``recover_flops - step_flops/2``: a step only lands near its size),
   or the target is reached; with ``prune.target: latency`` the same in the table-estimated
   latency (``target_latency_reduction``, ``step_latency``, ``recover_latency``), the
-  caller passing the estimated latency reduction as ``reduction``. There, reaching the
-  target first asks for a measured check (``"check_latency"``, at most
-  ``prune.latency_checks``): the caller times the network and books the result with
-  `book_latency_check`, which either settles the target or moves the estimate's aim on
+  caller passing the estimated latency reduction as ``reduction``. There, a recovery
+  that starts within one ``recover_latency`` of the target (or at it) is preceded by a
+  measured check (``"check_latency"``, at most ``prune.latency_checks`` in a run): the
+  caller times the network and books the result with `book_latency_check`, which
+  either settles the target (the measurement reached it) or moves the estimate's aim
   (`latency_table.next_latency_aim`);
 - ``recover``: train ``recover_epochs`` epochs (ordinary epochs of the LR schedule),
   then back to ``prune`` — or, once the target is reached, on to
@@ -88,7 +89,7 @@ class ScheduleState:
     target_reached: bool = False
     phase_seconds: dict[str, float] = field(default_factory=dict)
     latency_aim: float | None = None  # target=latency: the estimated reduction aimed at after a measured check
-    latency_settled: bool = False  # target=latency: no more measured checks
+    latency_settled: bool = False  # target=latency: a measured check reached the target
     latency_checks: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -119,12 +120,13 @@ def next_action(state: ScheduleState, config: RunConfig, reduction: float) -> st
             state.phase = "prune"
             return "before_pruning"
         if state.phase == "prune":
-            reached = reduction >= aim(state, config) - EPS
-            if reached and p.target == "latency" and p.latency_checks > 0 and not state.latency_settled:
-                return "check_latency"
+            goal = aim(state, config)
+            reached = state.latency_settled or reduction >= goal - EPS
             # steps are only about one step each: recover once the next step would overshoot the
             # recovery mark by more than we are short of it
             chunk_done = reduction - state.reduction_at_recovery >= recover - step / 2 - EPS
+            if (reached or chunk_done) and _check_due(state, config, reduction >= goal - recover - EPS):
+                return "check_latency"
             if reached or chunk_done:
                 state.target_reached = reached
                 state.phase = "recover"
@@ -156,9 +158,17 @@ def aim(state: ScheduleState, config: RunConfig) -> float:
     return config.prune.goal()[0] if state.latency_aim is None else state.latency_aim
 
 
+def _check_due(state: ScheduleState, config: RunConfig, near: bool) -> bool:
+    """A measured latency check before this recovery: near the aim, checks left, none yet after this round."""
+    p = config.prune
+    return (p.target == "latency" and near and not state.latency_settled
+            and len(state.latency_checks) < p.latency_checks
+            and not (state.latency_checks and state.latency_checks[-1]["round"] == state.rounds))
+
+
 def book_latency_check(state: ScheduleState, check: dict[str, Any], next_aim: float | None) -> None:
-    """Record a measured check (`latency_table.measured_reduction`'s figures) and what follows: prune on to
-    `next_aim` (an estimated reduction), or, with None, the target is settled."""
+    """Record a measured check (`latency_table.measured_reduction`'s figures) and what follows: prune to
+    `next_aim` (an estimated reduction), or, with None, the target is settled (reached)."""
     state.latency_checks.append({"round": state.rounds, "epoch": state.epoch, **check, "next_aim": next_aim})
     if next_aim is None:
         state.latency_settled = True
