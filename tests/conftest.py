@@ -39,8 +39,8 @@ TINY = {
 
 
 # Relative difference allowed between a candidate's mean subset loss scored in bf16 and in fp32: above the
-# largest one measured over a whole pruning run (0.70 %: docs/benchmarks.md, "bf16 scoring against fp32"), far below the gaps
-# between candidates that decide a round.
+# largest one measured over a whole pruning run (0.70 %: docs/benchmarks.md, "bf16 scoring against fp32"),
+# far below the gaps between candidates that decide a round.
 BF16_SCORE_REL_TOL = 1e-2
 
 
