@@ -80,10 +80,13 @@ cmd_start() {
         >"$RAY_AUTH_TOKEN_PATH"
     chmod 600 "$RAY_AUTH_TOKEN_PATH"
     # Ray replaces a loopback --node-ip-address by the host's own IP for the node address;
-    # the dashboard / job API honours --dashboard-host and stays on 127.0.0.1.
+    # the dashboard / job API honours --dashboard-host and stays on 127.0.0.1. The head's
+    # dashboard agent (which runs submitted jobs) takes a free port too: the default, 52365,
+    # may belong to another Ray on this machine, and then no job can be submitted.
     start_node head --head --node-ip-address 127.0.0.1 --port "$PORT" --num-cpus "$CPUS" \
         --resources '{"node_head": 1}' --object-store-memory "$OBJECT_STORE" \
         --include-dashboard=true --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
+        --dashboard-agent-listen-port 0 \
         --ray-client-server-port "$CLIENT_PORT" --temp-dir "$STATE/head" --disable-usage-stats || { cmd_stop; exit 1; }
     # A second raylet on the same host: its own temp dir, resources and agent ports.
     start_node worker --address "127.0.0.1:$PORT" --num-cpus "$CPUS" \

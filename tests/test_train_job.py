@@ -165,7 +165,7 @@ def test_latency_target_run_checks_the_measurement_and_prunes_on_when_the_table_
     from laasp_dist.monitoring.report import write_report
     from laasp_dist.pruning import Arch, PrunableNetwork, replay
 
-    target, step = 0.3, 0.1
+    target, step = 0.5, 0.1  # far above what the network measures when its overstated estimate nears the target
     table = measure_table(Arch("resnet20", 10, 3, 32), batch=8, round_to=8, points=3, repeats=3, warmup=1, threads=1)
     for entry in table["signatures"].values():
         entry["ms"] = (np.asarray(entry["ms"]) ** 4).tolist()
@@ -187,9 +187,9 @@ def test_latency_target_run_checks_the_measurement_and_prunes_on_when_the_table_
         assert all(w % 8 == 0 for w in net.widths().values()), net.widths()
     assert len(reductions) == summary["rounds"]
     (check,) = summary["latency_checks"]
-    # the check: where the estimate first came within a recovery of the target, measured far short, aim moved
+    # the check: before a recovery within one recovery of the target, not after the target; measured far short
     assert check["estimated"] == pytest.approx(reductions[check["round"] - 1], rel=1e-9)
-    assert check["estimated"] >= target - 0.2 and all(r < target - 0.2 for r in reductions[:check["round"] - 1])
+    assert check["estimated"] >= target - 0.2 and all(r < target for r in reductions[:check["round"] - 1])
     assert check["measured"] < target - step / 2 and check["next_aim"] > max(check["estimated"], target)
     assert check["next_aim"] == pytest.approx(1 - (1 - target) * (1 - check["estimated"]) / (1 - check["measured"]))
     # then pruned on, by the estimate, to the aim
