@@ -151,9 +151,9 @@ def test_importance_selection_prunes_without_subset_losses(ray_session, tmp_path
 @pytest.mark.timeout(600)
 def test_latency_target_run_checks_the_measurement_and_prunes_on_when_the_table_overstates(ray_session, tmp_path: Path,
                                                                                            capsys) -> None:
-    """A table that overstates the savings (this CPU's, every layer's latency raised to the 4th power): the run
-    prunes by its estimate to the target, measures, finds the network far short, aims the estimate further and,
-    its one check spent, prunes on to that aim; widths rounded to 8 after every round; estimated and measured
+    """A table that overstates the savings (this CPU's, every layer's share of its full-width latency raised to
+    the 4th power): the run prunes by its estimate towards the target, measures, finds the network far short,
+    aims the estimate further and, its one check spent, prunes on to that aim; widths rounded to 8 after every round; estimated and measured
     latency reported. (A run measuring its own table: test_latency.py; more checks: test_train_units.py.)"""
     import copy
     import json
@@ -167,8 +167,10 @@ def test_latency_target_run_checks_the_measurement_and_prunes_on_when_the_table_
 
     target, step = 0.5, 0.1  # far above what the network measures when its overstated estimate nears the target
     table = measure_table(Arch("resnet20", 10, 3, 32), batch=8, round_to=8, points=3, repeats=3, warmup=1, threads=1)
-    for entry in table["signatures"].values():
-        entry["ms"] = (np.asarray(entry["ms"]) ** 4).tolist()
+    for entry in table["signatures"].values():  # every layer's share of its full-width time, to the 4th power
+        ms = np.asarray(entry["ms"])
+        full = ms[(-1,) * ms.ndim]
+        entry["ms"] = (full * (ms / full) ** 4).tolist()
     write_table(table, tmp_path / "overstated.json")
     cfg = copy.deepcopy(TINY)
     cfg["prune"] |= {"target": "latency", "target_latency_reduction": target, "step_latency": step,
