@@ -123,6 +123,9 @@ class PruneConfig(Section):
     latency_table: str | None = Field(None, description="a `laasp-dist latency-table` file; none with "
                                       "target=latency: the run measures one on its own device")
     latency_batch: int = Field(256, ge=1, description="batch size of the table a run measures itself")
+    score_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="arithmetic of candidate scoring; auto = the training's (train.precision resolved on "
+        "the training device)")
 
     @field_validator("round_to", mode="before")
     @classmethod
@@ -136,9 +139,6 @@ class PruneConfig(Section):
         if self.target == "latency":
             return self.target_latency_reduction, self.step_latency, self.recover_latency
         return self.target_flops_reduction, self.step_flops, self.recover_flops
-    score_precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="arithmetic of candidate scoring; auto = the training's (train.precision resolved on "
-        "the training device)")
 
     @model_validator(mode="after")
     def _criteria_known(self) -> "PruneConfig":

@@ -298,7 +298,9 @@ def test_next_latency_aim_corrects_the_estimate_by_the_measured_ratio():
 
 
 def test_a_measured_check_times_a_copy_and_leaves_the_training_network_alone():
-    model = LatencyModel(synthetic_table(R20))  # batch 4, one thread; its estimate is synthetic, the timing real
+    # one thread; the estimate is synthetic, the timing real. Batch 16: at the table's batch 4 ResNet-20 is
+    # overhead-bound and a 60 % thinner network measured anywhere from -7 % to -27 % on a busy box
+    model = LatencyModel({**synthetic_table(R20), "batch": 16})
     torch.manual_seed(0)
     net = PrunableNetwork.create(R20)
     prune_by_criterion(net, "fpgm", 0.6, round_to=8)
@@ -308,7 +310,7 @@ def test_a_measured_check_times_a_copy_and_leaves_the_training_network_alone():
     check = measured_reduction(model, net, torch.device("cpu"), build_config({}), repeats=5, warmup=1)
     assert torch.equal(torch.get_rng_state(), rng) and net.model.training
     assert all(torch.equal(v, weights[k]) for k, v in net.model.state_dict().items())
-    assert check["estimated"] == pytest.approx(model.reduction(net), rel=1e-12) and check["batch"] == 4
+    assert check["estimated"] == pytest.approx(model.reduction(net), rel=1e-12) and check["batch"] == 16
     assert 0.2 < check["measured"] < 0.8 and check["ms"] < check["base_ms"]  # -60 % FLOPs runs faster, not 2.5x
 
 

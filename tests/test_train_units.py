@@ -87,8 +87,10 @@ def test_latency_target_checks_the_measurement_near_the_target_and_moves_the_aim
                         "round", "round", "check_latency", "train"] + ["train"] * 3)
     assert [(c["round"], c["estimated"], c["next_aim"]) for c in state.latency_checks] == [(2, 0.2, 0.4),
                                                                                           (4, 0.4, None)]
-    assert state.latency_settled and state.target_reached
+    assert state.latency_settled and state.target_reached and state.latency_aim == 0.4
     assert ScheduleState.from_dict(state.as_dict()) == state  # checkpointed as plain values
+    # checkpoints of 48a14e3..4ee3a6c also stored the aim and the settled flag, now derived from the checks
+    assert ScheduleState.from_dict(state.as_dict() | {"latency_aim": 0.4, "latency_settled": True}) == state
     # target 0.5, recoveries every 0.2: no check at 0.2 (more than one recovery away), one at 0.4 measures 0.5
     far = build_config(base | {"prune": base["prune"] | {"target_latency_reduction": 0.5}})
     actions, state = _walk_latency(far, {0.4: (0.5, None)})

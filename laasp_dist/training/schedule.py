@@ -88,16 +88,26 @@ class ScheduleState:
     reduction_at_recovery: float = 0.0  # reduction (in the target's unit) when the last recovery started
     target_reached: bool = False
     phase_seconds: dict[str, float] = field(default_factory=dict)
-    latency_aim: float | None = None  # target=latency: the estimated reduction aimed at after a measured check
-    latency_settled: bool = False  # target=latency: a measured check reached the target
-    latency_checks: list[dict[str, Any]] = field(default_factory=list)
+    latency_checks: list[dict[str, Any]] = field(default_factory=list)  # target=latency: `book_latency_check`
+
+    @property
+    def latency_aim(self) -> float | None:
+        """The estimated reduction aimed at after the last measured check that moved the aim, if any."""
+        aims = [c["next_aim"] for c in self.latency_checks if c["next_aim"] is not None]
+        return aims[-1] if aims else None
+
+    @property
+    def latency_settled(self) -> bool:
+        """A measured check reached the target."""
+        return bool(self.latency_checks) and self.latency_checks[-1]["next_aim"] is None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ScheduleState":
-        return cls(**data)
+        # checkpoints written before the two were derived from latency_checks still carry them
+        return cls(**{k: v for k, v in data.items() if k not in ("latency_aim", "latency_settled")})
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + float(seconds)
@@ -170,7 +180,3 @@ def book_latency_check(state: ScheduleState, check: dict[str, Any], next_aim: fl
     """Record a measured check (`latency_table.measured_reduction`'s figures) and what follows: prune to
     `next_aim` (an estimated reduction), or, with None, the target is settled (reached)."""
     state.latency_checks.append({"round": state.rounds, "epoch": state.epoch, **check, "next_aim": next_aim})
-    if next_aim is None:
-        state.latency_settled = True
-    else:
-        state.latency_aim = next_aim
