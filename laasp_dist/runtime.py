@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import os
+
+# Ray Train starts a PlacementGroupCleaner per run that asks the State API, once a second,
+# whether the controller lives. An embedded Ray has no dashboard, hence no State API, and
+# dies with the driver anyway, so the cleaner has nothing to guard: its warning is noise.
+_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_embedded_workers() -> None:
+    """Ray worker set-up hook of the embedded Ray: keep the cleaner's State API warnings out of the log.
+
+    The State API finds its cluster through RAY_ADDRESS, else by looking for Ray processes on the machine;
+    with a second Ray there (another job, a sweep) the look-up fails and the cleaner's thread dies with a
+    traceback, so the workers are pointed at their own cluster.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, log_to_driver: bool = False) -> bool:
@@ -18,5 +37,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, log_t
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=log_to_driver)
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=log_to_driver,
+                 runtime_env={"worker_process_setup_hook": f"{__name__}.{quiet_embedded_workers.__name__}"})
     return True

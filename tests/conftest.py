@@ -182,10 +182,12 @@ def ray_session(data_audit: SimpleNamespace, s3_server: dict[str, str]):
     environment at ray.init)."""
     import ray
 
+    from laasp_dist.runtime import ensure_ray
+
     with pytest.MonkeyPatch.context() as patch:
         for key, value in {**data_audit.extra, **s3_server}.items():
             patch.setenv(key, value)
-        ray.init(num_cpus=3, include_dashboard=False)
+        ensure_ray(num_cpus=3, log_to_driver=True)
     yield
     ray.shutdown()
 

@@ -193,9 +193,10 @@ def run(args: argparse.Namespace) -> int:
     if workers:
         import ray
 
+        from ..runtime import ensure_ray
         from ..search.ray_executor import RayExecutor
 
-        ray.init(num_cpus=max(max(workers), os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        started = ensure_ray(None, max(max(workers), os.cpu_count() or 1))
         try:
             for w in workers:
                 with RayExecutor(subset, w, options=options, threads_per_worker=1) as ex:
@@ -205,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
                                  ref_seconds, "reference" if ref else "exact",
                                  ref_forward))
         finally:
-            ray.shutdown()
+            if started:
+                ray.shutdown()
     summary: dict[str, Any] = {
         "model": args.model, "subset": args.subset, "shards": args.shards, "criteria": criteria,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "image_size": args.image_size,

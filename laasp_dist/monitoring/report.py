@@ -126,9 +126,9 @@ def _summary_text(s: dict) -> str:
     if latency:
         m, e = latency["measured"], latency.get("estimated")
         text += (f"latency at batch {m['batch']} on {m['device']}: measured speed-up {m['speedup']:.2f}x "
-                 f"({m['base_ms']:.1f} -> {m['final_ms']:.1f} ms, -{m['reduction']:.1%}, load {m['load_avg_1m']}), "
+                 f"({m['base_ms']:.1f} -> {m['final_ms']:.1f} ms, {-m['reduction']:+.1%}, load {m['load_avg_1m']}), "
                  f"FLOPs promise {latency['flops_promise']:.2f}x"
-                 + (f", table estimate {e['speedup']:.2f}x (-{e['reduction']:.1%})" if e else "") + "\n")
+                 + (f", table estimate {e['speedup']:.2f}x ({-e['reduction']:+.1%})" if e else "") + "\n")
     for i, c in enumerate(s.get("latency_checks") or [], 1):
         then = "target reached" if c["next_aim"] is None else f"aiming at -{c['next_aim']:.1%} estimated"
         text += (f"latency check {i} after round {c['round']}: estimated -{c['estimated']:.1%}, "

@@ -97,7 +97,7 @@ class RunRecord:
                                                 "final/speedup_measured": measured["speedup"],
                                                 "final/latency_ms_est": estimated and estimated["final_ms"]})
         say(f"[laasp] latency at batch {measured['batch']}: measured speed-up {measured['speedup']:.2f}x "
-             f"(-{measured['reduction']:.1%}), FLOPs promise {latency['flops_promise']:.2f}x"
+             f"({-measured['reduction']:+.1%}), FLOPs promise {latency['flops_promise']:.2f}x"
              + (f", table estimate {estimated['speedup']:.2f}x" if estimated else ""))
         self.monitor.widths(self.state.epoch, final_net.original_widths, final_net.widths(),
                             f"final: {final_net.macs_reduction:.1%} FLOPs removed")
