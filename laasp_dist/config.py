@@ -164,6 +164,10 @@ class RayConfig(Section):
     search_gpu_fraction: float = Field(
         0.25, gt=0, lt=0.5, description="with use_gpu and actors: the share of a GPU each search actor asks Ray "
         "for; each training worker asks for the rest of its GPU, so one actor fits beside every training worker")
+    gpu_share: float = Field(
+        1.0, gt=0, le=1, description="with use_gpu: the share of one GPU that a training worker and the search "
+        "actors beside it take together; below 1 several runs share a GPU (a sweep's trials, --max-concurrent). "
+        "A run of several training workers must leave each more than half a GPU (NCCL refuses two ranks on one)")
     collective_timeout_s: int = Field(1800, ge=10, description="torch.distributed timeout; covers a whole search round, during which non-coordinator ranks wait")
     max_failures: int = Field(3, ge=-1, description="times Ray Train restarts the worker group after a worker or node "
                               "failure, continuing from the last checkpoint (-1: no limit, 0: stop at the first)")
@@ -196,13 +200,16 @@ class RunConfig(Section):
 
             self.prune.round_to = resolve_round_to("auto", "cuda" if self.ray.use_gpu else "cpu")
         r = self.ray
-        if r.use_gpu and r.search_executor in ("auto", "actors"):
-            per_gpu = -(-r.search_workers // r.num_workers)
-            if per_gpu * r.search_gpu_fraction >= 0.5:
-                raise ValueError(f"ray.search_workers={r.search_workers} GPU search actors beside "
-                                 f"{r.num_workers} training workers put {per_gpu} per GPU; at "
-                                 f"ray.search_gpu_fraction={r.search_gpu_fraction} a training worker keeps less "
-                                 f"than half a GPU: lower one of them")
+        if r.use_gpu and r.num_workers > 1:
+            actors = r.search_executor in ("auto", "actors") and self.prune.selection == "loss"
+            per_gpu = -(-r.search_workers // r.num_workers) if actors else 0
+            if r.gpu_share * (1 - per_gpu * r.search_gpu_fraction) <= 0.5:
+                raise ValueError(f"ray.num_workers={r.num_workers} training workers at ray.gpu_share={r.gpu_share}"
+                                 + (f" beside {per_gpu} GPU search actors each (ray.search_workers="
+                                    f"{r.search_workers}, ray.search_gpu_fraction={r.search_gpu_fraction})"
+                                    if per_gpu else "")
+                                 + " would keep half a GPU or less, so two of them could share one, which NCCL "
+                                 "refuses: raise ray.gpu_share or lower the search actors' share")
         return self
 
 

@@ -98,8 +98,25 @@ def test_gpu_shares_leave_room_for_one_search_actor_per_gpu() -> None:
     assert gpu_shares(config_of(ray={"use_gpu": True, "num_workers": 2, "search_workers": 4,
                                      "search_gpu_fraction": 0.2})) == (0.6, 0.2)  # two actors per GPU
     assert gpu_shares(config_of(ray={"use_gpu": True, "search_executor": "ranks"})) == (1.0, 0.0)
-    with pytest.raises(LaaspError, match="keeps less than half a GPU"):
-        config_of(ray={"use_gpu": True, "num_workers": 1, "search_workers": 2})
+    # one training worker cannot meet another rank of its run on a GPU: it may keep half or less
+    assert gpu_shares(config_of(ray={"use_gpu": True, "num_workers": 1, "search_workers": 2})) == (0.5, 0.25)
+    with pytest.raises(LaaspError, match="would keep half a GPU or less.*raise ray.gpu_share"):
+        config_of(ray={"use_gpu": True, "num_workers": 2, "search_workers": 4})
+
+
+def test_a_gpu_share_packs_several_runs_on_one_gpu() -> None:
+    # ray.gpu_share is what a training worker and the actors beside it take together: 10 runs fit one GPU
+    assert gpu_shares(config_of(ray={"use_gpu": True, "num_workers": 1, "search_workers": 1,
+                                     "gpu_share": 0.1})) == (0.075, 0.025)
+    assert gpu_shares(config_of(ray={"use_gpu": True, "num_workers": 1, "search_executor": "ranks",
+                                     "gpu_share": 0.1})) == (0.1, 0.0)
+    assert gpu_shares(config_of(prune={"selection": "importance"},  # scores nothing: no actors
+                                ray={"use_gpu": True, "num_workers": 1, "gpu_share": 0.1})) == (0.1, 0.0)
+    assert gpu_shares(config_of(ray={"use_gpu": True, "gpu_share": 0.8, "search_executor": "ranks"})) == (0.8, 0.0)
+    with pytest.raises(LaaspError, match="ray.num_workers=2 training workers at ray.gpu_share=0.5 would keep"):
+        config_of(ray={"use_gpu": True, "num_workers": 2, "search_executor": "ranks", "gpu_share": 0.5})
+    with pytest.raises(LaaspError, match="gpu_share"):
+        config_of(ray={"use_gpu": True, "gpu_share": 0})
 
 
 def test_a_gpu_worker_without_cuda_is_an_error_not_a_cpu_run() -> None:

@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu/pack_wheels.sh            # -> .gpu-stage/c1 ... cN and the list of device calls
 #   bash benchmarks/gpu/pack_wheels.sh --dry-run  # the same, then the device side replayed here, chunk by
 #                                                 # chunk, into a throwaway folder (pip --target for cp312)
+#   bash benchmarks/gpu/pack_wheels.sh --evidence # only what the evidence sweep needs (no DALI, all 60 000
+#                                                 # Fashion-MNIST training images): two calls (docs/gpu.md)
 #
 # Runs from the repository root with a Python that has pip and this project's data (Fashion-MNIST at
 # /usr/share/datasets/fashion-mnist, the foolbox photos come as a wheel). Nothing here is committed:
@@ -16,7 +18,14 @@ PY=${PY:-python3}
 STAGE=${STAGE:-.gpu-stage}
 LIMIT_MIB=${LIMIT_MIB:-58}   # + the working tree (< 6 MiB) stays under the 64 MiB a call carries
 DRY_RUN=0
-[[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
+PLAN=gpu
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    --evidence) PLAN=evidence ;;
+    *) echo "usage: pack_wheels.sh [--dry-run] [--evidence]" >&2; exit 2 ;;
+  esac
+done
 
 # Install groups, in the order they are packed (and so become complete on the device): each group is
 # one pip call there. early: what laasp_dist needs without Ray or DALI (so the first calls can already
@@ -29,6 +38,8 @@ RAY="ray==2.60.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referenc
 DALI="astunparse==1.6.3 gast==0.7.0 optree==0.20.0 nvtx==0.2.17 makefun==1.16.0 libcst==1.9.0
       nvidia-nvjpeg==13.3.2.43 nvidia-nvjpeg2k-cu13==0.11.0.51 nvidia-nvtiff-cu13==0.8.0.82
       nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-libnvcomp-cu13==5.3.0.16 nvidia-dali-cuda130==2.4.0"
+TRAIN_IMAGES=12000
+if [[ $PLAN == evidence ]]; then DALI=""; TRAIN_IMAGES=60000; fi
 GROUPS_JSON=$("$PY" - "$EARLY" "$RAY" "$DALI" <<'EOF'
 import json, re, sys
 def names(specs):
@@ -46,13 +57,13 @@ PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
 
 # Data: Fashion-MNIST's first 12 000 training images and its test set (the GPU tests' fixtures and the
 # smoke run read /usr/share/datasets/fashion-mnist, where device.sh puts them).
-"$PY" - "$STAGE/build" <<'EOF'
+"$PY" - "$STAGE/build" "$TRAIN_IMAGES" <<'EOF'
 import gzip, struct, sys, tarfile
 from pathlib import Path
 src, build = Path("/usr/share/datasets/fashion-mnist"), Path(sys.argv[1])
 out = build / "fashion-mnist"
 out.mkdir(parents=True, exist_ok=True)
-keep = {"train": 12000, "t10k": None}
+keep = {"train": int(sys.argv[2]), "t10k": None}
 for prefix, n in keep.items():
     for kind, dims in (("images-idx3", 3), ("labels-idx1", 1)):
         raw = gzip.decompress((src / f"{prefix}-{kind}-ubyte.gz").read_bytes())
@@ -77,7 +88,8 @@ for spec in $EARLY $RAY $DALI; do
   order+=("$STAGE/wheels/$file")
   [[ "$spec" == "foolbox==3.3.4" ]] && order+=("$STAGE/build/data.tar")   # data rides with the early group
 done
-"$PY" benchmarks/gpu/stage.py pack --stage "$STAGE" --limit-mib "$LIMIT_MIB" --groups "$GROUPS_JSON" "${order[@]}"
+"$PY" benchmarks/gpu/stage.py pack --stage "$STAGE" --limit-mib "$LIMIT_MIB" --groups "$GROUPS_JSON" --plan "$PLAN" \
+    "${order[@]}"
 
 N=$(ls -d "$STAGE"/c[0-9]* | wc -l)
 
@@ -106,10 +118,11 @@ print(f"dry run: {len(wheels)} wheels installed into {stage / 'site'}, data unpa
 EOF
   # cp312 extensions do not import here: check the layout the device will import from instead (DALI and its
   # codecs under one regular nvidia/ package of the target, which comes first on the device's PYTHONPATH).
-  for f in nvidia/__init__.py nvidia/dali/__init__.py nvidia/nvimgcodec/__init__.py ray/__init__.py \
-           pydantic_core/__init__.py torch_pruning/__init__.py foolbox/data; do
+  expect="ray/__init__.py pydantic_core/__init__.py torch_pruning/__init__.py foolbox/data"
+  [[ -n "$DALI" ]] && expect+=" nvidia/__init__.py nvidia/dali/__init__.py nvidia/nvimgcodec/__init__.py"
+  for f in $expect; do
     [[ -e "$fake/site/$f" ]] || { echo "dry run: $f missing from the target" >&2; exit 1; }
   done
-  ls "$fake"/site/nvidia/cu13/lib/libnvjpeg.so.* > /dev/null
+  [[ -z "$DALI" ]] || ls "$fake"/site/nvidia/cu13/lib/libnvjpeg.so.* > /dev/null
   echo "dry run: layout checked; the device's first call imports them (device.sh)"
 fi

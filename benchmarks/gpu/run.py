@@ -324,8 +324,20 @@ def step_dali(s: Step) -> None:
 
 
 def step_tests(s: Step) -> None:
+    import importlib.util
+
+    def importable(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # its parent package is missing
+            return False
+
+    # the tests of the packages that have arrived: a call before Ray's or DALI's last chunk runs the others
+    absent = [k for k, module in (("actors", "ray"), ("dali", "nvidia.dali")) if not importable(module)]
+    s.record["deselected_for_missing_packages"] = absent
+    select = ["-k", " and ".join(f"not {k}" for k in absent)] if absent else []
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider", "--timeout", "400",
-           f"--junitxml={s.out / 'tests.xml'}", "tests/test_gpu.py"]
+           f"--junitxml={s.out / 'tests.xml'}", *select, "tests/test_gpu.py"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=540)
     (s.out / "tests.log").write_text(proc.stdout[-60000:] + proc.stderr[-20000:])
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("PASSED", "FAILED", "SKIPPED", "ERROR"))]
@@ -333,9 +345,91 @@ def step_tests(s: Step) -> None:
     s.record["summary_line"] = (proc.stdout.strip().splitlines() or [""])[-1]
 
 
+# The comparison of docs/controls.md (jobs/evidence_fashion.yaml): the criteria pool, each criterion alone, random,
+# importance selection, and the ~unpruned reference, every one for each seed.
+EVIDENCE_PRUNE = ("[{criteria: [l1,l2,fpgm,cosine]}, {criteria: [l1]}, {criteria: [l2]}, {criteria: [fpgm]}, "
+                  "{criteria: [cosine]}, {criteria: [taylor]}, {criteria: [random]}, "
+                  "{criteria: [l1], selection: importance}, "
+                  "{target_flops_reduction: 0.002, step_flops: 0.002, recover_flops: 0.002}]")
+EVIDENCE_REFERENCE = "prune=criteria=l1+l2+fpgm+cosine"
+
+
+def step_evidence(s: Step) -> None:
+    """jobs/evidence_fashion.yaml's multi-seed sweep on one GPU: every trial one training worker on a share of
+    the GPU (ray.gpu_share), its candidates scored on that worker (ray.search_executor=ranks), EVIDENCE_TRIALS
+    at a time, seed by seed, until EVIDENCE_DEADLINE_S; then the sweep's tables from the finished trials and
+    one tarball of the sweep folder without its checkpoints."""
+    import signal
+    import tarfile
+
+    import yaml
+
+    from laasp_dist.sweep import SWEEP_FILE, TRIALS_DIR, trial_grid, write_results
+
+    z = s.sizes
+    concurrent = int(os.environ.get("EVIDENCE_TRIALS", 14 if z.device == "cuda" else 1))
+    seeds = os.environ.get("EVIDENCE_SEEDS", "0,1,2,3,4" if z.device == "cuda" else "0,1")
+    deadline = float(os.environ.get("EVIDENCE_DEADLINE_S", 480 if z.device == "cuda" else 3000))
+    sets = {"ray.use_gpu": z.device == "cuda", "ray.num_workers": 1, "ray.search_workers": 1,
+            "ray.search_executor": "ranks", "ray.gpu_share": round(1 / concurrent, 4)}
+    prune = EVIDENCE_PRUNE
+    if s.dry:  # two configurations, a few tiny steps
+        sets.update({"train.total_epochs": 3, "train.steps_per_epoch": 2, "prune.start_epoch": 1,
+                     "prune.subset_size": 32, "prune.subset_shards": 1, "data.val_size": 40, "data.test_limit": 40,
+                     "data.train_limit": 400, "prune.target_flops_reduction": 0.1, "prune.step_flops": 0.05})
+        prune = "[{criteria: [l1,fpgm]}, {criteria: [l1]}]"
+    reference = "prune=criteria=l1+fpgm" if s.dry else EVIDENCE_REFERENCE
+    sweep = s.work / f"evidence-{time.strftime('%H%M%S')}"
+    cmd = [sys.executable, "-m", "laasp_dist.cli", "sweep", str(REPO / "jobs" / "evidence_fashion.yaml"),
+           "--param", f"prune={prune}", "--seeds", seeds, "--reference", reference,
+           "--max-concurrent", str(concurrent), "--out", str(sweep),
+           *[x for k, v in sets.items() for x in ("--set", f"{k}={json.dumps(v)}")]]
+    s.record.update(command=" ".join(cmd[3:]), concurrent=concurrent, seeds=seeds, deadline_s=deadline)
+    gpu_log = (s.out / "evidence_gpu.csv").open("w")
+    sampler = (subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,utilization.gpu,memory.used",
+                                 "--format=csv", "-l", "15"], stdout=gpu_log, stderr=subprocess.DEVNULL)
+               if z.device == "cuda" else None)
+    start = time.perf_counter()
+    with (s.out / "evidence.log").open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            s.record["rc"] = proc.wait(timeout=deadline)
+        except subprocess.TimeoutExpired:  # Tune stops its trials on SIGINT; unfinished ones stay "not finished"
+            proc.send_signal(signal.SIGINT)
+            try:
+                s.record["rc"] = proc.wait(timeout=45)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                s.record["rc"] = proc.wait()
+            s.record["stopped_at_deadline"] = True
+    s.record["sweep_seconds"] = round(time.perf_counter() - start, 1)
+    if sampler is not None:
+        sampler.terminate()
+    saved = yaml.safe_load((sweep / SWEEP_FILE).read_text())
+    grid = trial_grid(saved["base"], saved["params"], saved["seeds"])
+    tables = write_results(sweep, grid, {}, reference)  # the finished trials, also after a stop at the deadline
+    s.record["trials_done"] = int((tables.results["status"] == "done").sum())
+    s.record["trials"] = len(grid)
+    s.record["trial_wall_seconds"] = [round(float(w), 1) for w in tables.results.get("wall_seconds", [])
+                                      if w is not None and w == w]
+    with tarfile.open(s.out / "evidence_sweep.tar.gz", "w:gz") as tar:
+        for path in sorted(sweep.rglob("*")):
+            rel = path.relative_to(sweep)
+            keep = (rel.parts[0] != TRIALS_DIR or (len(rel.parts) == 3 and rel.name in
+                                                   ("summary.json", "config.yaml", "history.parquet")))
+            if path.is_file() and keep and rel.parts[0] != "tune":
+                tar.add(path, arcname=str(Path(sweep.name) / rel))
+    from laasp_dist.sweep import format_paired, format_summary
+
+    text = format_summary(tables.summary) + "\n\n" + format_paired(tables.paired, reference)
+    (s.out / "evidence_summary.txt").write_text(text + "\n")
+    print(text)
+
+
 STEPS: dict[str, Callable[[Step], None]] = {"latency": step_latency, "search": step_search, "smoke": step_smoke,
                                             "plain": step_plain, "project": step_project, "tests": step_tests,
-                                            "dali": step_dali, "wheels": lambda s: None}
+                                            "dali": step_dali, "evidence": step_evidence,
+                                            "wheels": lambda s: None}
 
 
 # ----------------------------------------------------------------------------------------------- tables
@@ -396,6 +490,11 @@ def report(results: Path) -> str:
                      f"{_fmt(ev.get('test_top1'), '.4f')}")
     if "tests" in r:
         lines.append(f"pytest -m gpu: {r['tests'].get('summary_line')}")
+    if "evidence" in r:
+        e = r["evidence"]
+        lines.append(f"evidence sweep: {e.get('trials_done')}/{e.get('trials')} trials in {e.get('sweep_seconds')} s, "
+                     f"{e.get('concurrent')} at a time (rc {e.get('rc')}, stopped at the deadline: "
+                     f"{e.get('stopped_at_deadline', False)})")
     for name, rec in r.items():
         for failure in rec.get("failures", []):
             lines.append(f"FAILED in {name}: {failure[:300]}")

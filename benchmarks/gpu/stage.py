@@ -150,12 +150,17 @@ STEPS = (("latency", {"early"}), ("search", {"early", "data"}), ("smoke", {"earl
          ("dali", {"early", "ray", "dali"}))
 
 
-def plan(manifest: dict) -> list[tuple[str | None, str]]:
+# The evidence sweep (docs/gpu.md): the GPU tests that need neither Ray nor DALI ride with the first chunk.
+EVIDENCE_STEPS = (("tests", {"early", "data"}), ("evidence", {"early", "data", "ray"}))
+PLANS = {"gpu": STEPS, "evidence": EVIDENCE_STEPS}
+
+
+def plan(manifest: dict, steps: tuple[tuple[str, set[str]], ...] = STEPS) -> list[tuple[str | None, str]]:
     """(chunk folder carried or None, step) per device call: every chunk call also runs the first step
     whose groups are complete by then; the steps left over follow as calls that carry nothing."""
     complete_after = {g: max(c for e in manifest["files"] if e["group"] == g for c in e["chunks"])
                       for g in {e["group"] for e in manifest["files"]}}
-    queue, calls = list(STEPS), []
+    queue, calls = list(steps), []
     for k in range(1, manifest["chunks"] + 1):
         ready = {g for g, last in complete_after.items() if last <= k}
         pick = next((st for st in queue if st[1] <= ready), None)
@@ -172,6 +177,7 @@ def main() -> int:
     p.add_argument("--stage", type=Path, required=True)
     p.add_argument("--limit-mib", type=float, default=58)
     p.add_argument("--groups", required=True, help="JSON {group: [distribution names]}, in install order")
+    p.add_argument("--plan", choices=sorted(PLANS), default="gpu", help="which device steps the calls run")
     p.add_argument("files", type=Path, nargs="+")
     i = sub.add_parser("install")
     i.add_argument("--stage", type=Path, required=True)
@@ -183,7 +189,7 @@ def main() -> int:
             size = sum(f.stat().st_size for f in (args.stage / f"c{k}").iterdir())
             print(f"c{k}: {size / MIB:6.1f} MiB  {', '.join(sorted(p.name for p in (args.stage / f'c{k}').iterdir()))}")
         print("\nDevice calls (docs/gpu.md), back to back, timeout_s 600 each (the machine goes back after 30 s idle):")
-        for i, (chunk, step) in enumerate(plan(manifest), 1):
+        for i, (chunk, step) in enumerate(plan(manifest, PLANS[args.plan]), 1):
             carry = f'["{args.stage}/{chunk}"]' if chunk else "nothing"
             print(f"  call {i}: carry {carry:24s} command: bash benchmarks/gpu/device.sh {step}")
         return 0

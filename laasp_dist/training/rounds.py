@@ -6,8 +6,9 @@ Executors (``ray.search_executor``):
   actors that hold the subset shards on their device; the coordinator alone calls
   `search_round`, the other ranks wait at the broadcast that follows. With ``use_gpu``
   each actor asks Ray for ``ray.search_gpu_fraction`` of a GPU and each training worker
-  for the rest of one (`gpu_shares`), so an actor fits beside every training worker on its
-  GPU (training is idle during a round); an actor that gets no CUDA device is an error.
+  for the rest of one (`gpu_shares`; of ``ray.gpu_share`` of one where several runs share a
+  GPU), so an actor fits beside every training worker on its GPU (training is idle during a
+  round); an actor that gets no CUDA device is an error.
 - ``ranks``: every training rank calls `search_round` on its identical copy of the
   network (checked after every install); the search's `RankExecutor` gives rank r the tasks
   r, r+W, r+2W, … on its own device and all-gathers the per-image losses, so every
@@ -52,18 +53,20 @@ def executor_kind(config: RunConfig) -> str:
 def gpu_shares(config: RunConfig) -> tuple[float, float]:
     """(GPUs per training worker, GPUs per search actor) that the run asks Ray for.
 
-    CPU runs: (0, 0). GPU runs with search actors: the actors take ``ray.search_gpu_fraction``
-    each and a training worker the rest of a GPU after the actors that share it
-    (``ceil(search_workers / num_workers)`` per GPU; validated to leave a training worker more
-    than half a GPU, so two training workers never land on one GPU). Otherwise (1, 0).
+    CPU runs: (0, 0). GPU runs: a training worker and the search actors beside it take
+    ``ray.gpu_share`` of a GPU together (1 by default; less packs several runs on one GPU).
+    With search actors, each takes ``ray.search_gpu_fraction`` of that share and a training
+    worker the rest after the actors beside it (``ceil(search_workers / num_workers)``; validated
+    to leave each of several training workers more than half a GPU, so two never land on one GPU).
     """
     r = config.ray
     if not r.use_gpu:
         return 0.0, 0.0
     if executor_kind(config) != "actors":
-        return 1.0, 0.0
+        return r.gpu_share, 0.0
     per_gpu = -(-r.search_workers // r.num_workers)
-    return round(1.0 - per_gpu * r.search_gpu_fraction, 4), r.search_gpu_fraction
+    actor = r.gpu_share * r.search_gpu_fraction
+    return round(r.gpu_share - per_gpu * actor, 4), round(actor, 4)
 
 
 class Searcher:
