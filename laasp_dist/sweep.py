@@ -378,7 +378,7 @@ def _plot_paired(paired: "Any", reference: str, path: Path, metric: str = "test_
     import matplotlib.pyplot as plt
 
     rows = paired[paired["metric"] == metric].reset_index(drop=True)
-    fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(rows) + 1.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.8), dpi=110)
     for i, r in rows.iterrows():
         y = len(rows) - 1 - i
         ax.scatter([100 * d for d in r["differences"]], [y] * len(r["differences"]), s=14, alpha=0.5, color="grey")
@@ -388,8 +388,9 @@ def _plot_paired(paired: "Any", reference: str, path: Path, metric: str = "test_
     ax.axvline(0.0, color="black", lw=0.8)
     ax.set_yticks(range(len(rows)), [f"{c} (n={n})" for c, n in zip(rows["configuration"], rows["n"])][::-1],
                   fontsize=7)
-    ax.set_xlabel(f"reference minus configuration, {metric} (points); > 0: the reference is better", fontsize=8)
-    ax.set_title(f"reference {reference}, paired by seed: each seed (grey), mean ± sample sd", fontsize=8)
+    ax.set_xlabel(f"reference minus configuration, {metric} (points)\n> 0: the reference is better", fontsize=8)
+    ax.set_title(f"paired by seed against the reference {reference}\neach seed (grey), mean ± sample sd (blue)",
+                 fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
