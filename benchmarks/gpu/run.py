@@ -364,7 +364,7 @@ def step_evidence(s: Step) -> None:
 
     import yaml
 
-    from laasp_dist.sweep import SWEEP_FILE, TRIALS_DIR, trial_grid, write_results
+    from laasp_dist.sweep import SWEEP_FILE, TRIALS_DIR, format_paired, format_summary, trial_grid, write_results
 
     z = s.sizes
     concurrent = int(os.environ.get("EVIDENCE_TRIALS", 14 if z.device == "cuda" else 1))
@@ -405,6 +405,8 @@ def step_evidence(s: Step) -> None:
     s.record["sweep_seconds"] = round(time.perf_counter() - start, 1)
     if sampler is not None:
         sampler.terminate()
+        sampler.wait()
+    gpu_log.close()
     saved = yaml.safe_load((sweep / SWEEP_FILE).read_text())
     grid = trial_grid(saved["base"], saved["params"], saved["seeds"])
     tables = write_results(sweep, grid, {}, reference)  # the finished trials, also after a stop at the deadline
@@ -419,8 +421,6 @@ def step_evidence(s: Step) -> None:
                                                    ("summary.json", "config.yaml", "history.parquet")))
             if path.is_file() and keep and rel.parts[0] != "tune":
                 tar.add(path, arcname=str(Path(sweep.name) / rel))
-    from laasp_dist.sweep import format_paired, format_summary
-
     text = format_summary(tables.summary) + "\n\n" + format_paired(tables.paired, reference)
     (s.out / "evidence_summary.txt").write_text(text + "\n")
     print(text)
