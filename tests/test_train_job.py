@@ -192,7 +192,10 @@ def test_latency_target_run_checks_the_measurement_and_prunes_on_when_the_table_
     # the check: before a recovery within one recovery of the target, not after the target; measured far short
     assert check["estimated"] == pytest.approx(reductions[check["round"] - 1], rel=1e-9)
     assert check["estimated"] >= target - 0.2 and all(r < target for r in reductions[:check["round"] - 1])
-    assert check["measured"] < target - step / 2 and check["next_aim"] > max(check["estimated"], target)
+    # measured more than half a step short, so the aim moves on past the estimate; past the target too only where
+    # the measurement falls below the estimate, which the overstated table makes likely, not certain (on the CI
+    # box one check measured -34.74 % against an estimated -34.72 %, and the aim became -49.99 %)
+    assert check["measured"] < target - step / 2 and check["next_aim"] > check["estimated"]
     assert check["next_aim"] == pytest.approx(1 - (1 - target) * (1 - check["estimated"]) / (1 - check["measured"]))
     # then pruned on, by the estimate, to the aim
     assert len(reductions) > check["round"] and reductions[-1] >= check["next_aim"]
