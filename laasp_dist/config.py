@@ -200,17 +200,40 @@ class RunConfig(Section):
 
             self.prune.round_to = resolve_round_to("auto", "cuda" if self.ray.use_gpu else "cpu")
         r = self.ray
-        if r.use_gpu and r.num_workers > 1:
-            actors = r.search_executor in ("auto", "actors") and self.prune.selection == "loss"
-            per_gpu = -(-r.search_workers // r.num_workers) if actors else 0
-            if r.gpu_share * (1 - per_gpu * r.search_gpu_fraction) <= 0.5:
-                raise ValueError(f"ray.num_workers={r.num_workers} training workers at ray.gpu_share={r.gpu_share}"
-                                 + (f" beside {per_gpu} GPU search actors each (ray.search_workers="
-                                    f"{r.search_workers}, ray.search_gpu_fraction={r.search_gpu_fraction})"
-                                    if per_gpu else "")
-                                 + " would keep half a GPU or less, so two of them could share one, which NCCL "
-                                 "refuses: raise ray.gpu_share or lower the search actors' share")
+        if r.use_gpu and r.num_workers > 1 and gpu_shares(self)[0] <= 0.5:
+            raise ValueError(f"ray.num_workers={r.num_workers} training workers would keep {gpu_shares(self)[0]} of a "
+                             f"GPU each (ray.gpu_share={r.gpu_share}, less the search actors beside them at "
+                             f"ray.search_gpu_fraction={r.search_gpu_fraction}): two could share a GPU, which NCCL "
+                             f"refuses; raise ray.gpu_share or lower ray.search_workers / ray.search_gpu_fraction")
         return self
+
+
+def executor_kind(config: RunConfig) -> str:
+    """Where the run scores candidates: ``ray.search_executor`` with auto resolved; ``local`` for importance
+    selection, which scores nothing."""
+    kind = config.ray.search_executor
+    if config.prune.selection == "importance":
+        return "local"
+    return "actors" if kind == "auto" else kind
+
+
+def gpu_shares(config: RunConfig) -> tuple[float, float]:
+    """(GPUs per training worker, GPUs per search actor) that the run asks Ray for.
+
+    CPU runs: (0, 0). GPU runs: a training worker and the search actors beside it take
+    ``ray.gpu_share`` of a GPU together (1 by default; less packs several runs on one GPU).
+    With search actors, each takes ``ray.search_gpu_fraction`` of that share and a training
+    worker the rest after the actors beside it (``ceil(search_workers / num_workers)``; validated
+    to leave each of several training workers more than half a GPU, so two never land on one GPU).
+    """
+    r = config.ray
+    if not r.use_gpu:
+        return 0.0, 0.0
+    if executor_kind(config) != "actors":
+        return r.gpu_share, 0.0
+    per_gpu = -(-r.search_workers // r.num_workers)
+    actor = r.gpu_share * r.search_gpu_fraction
+    return round(r.gpu_share - per_gpu * actor, 4), round(actor, 4)
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

@@ -180,7 +180,7 @@ def test_gpu_search_actors_score_beside_a_training_worker(ray_gpu, nccl, fashion
 
     from laasp_dist.config import PruneConfig
     from laasp_dist.search.ray_executor import RayExecutor
-    from laasp_dist.training.rounds import gpu_shares
+    from laasp_dist.config import gpu_shares
 
     train, actor = gpu_shares(build_config(SYNTHETIC))
     pg = placement_group([{"CPU": 1, "GPU": train}])  # the training worker's share of the GPU

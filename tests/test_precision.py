@@ -34,7 +34,7 @@ from laasp_dist.pruning import Arch, PrunableNetwork, network_spec  # noqa: E402
 from laasp_dist.search import ScoreOptions, build_subset, score_fast, score_reference  # noqa: E402
 from laasp_dist.storage import Storage  # noqa: E402
 from laasp_dist.training.memory import MIB, PeakMemory  # noqa: E402
-from laasp_dist.training.rounds import gpu_shares  # noqa: E402
+from laasp_dist.config import gpu_shares  # noqa: E402
 from laasp_dist.training.coordinator import pruned_payload  # noqa: E402
 from laasp_dist.training.worker import Worker, cuda_device  # noqa: E402
 
@@ -100,7 +100,7 @@ def test_gpu_shares_leave_room_for_one_search_actor_per_gpu() -> None:
     assert gpu_shares(config_of(ray={"use_gpu": True, "search_executor": "ranks"})) == (1.0, 0.0)
     # one training worker cannot meet another rank of its run on a GPU: it may keep half or less
     assert gpu_shares(config_of(ray={"use_gpu": True, "num_workers": 1, "search_workers": 2})) == (0.5, 0.25)
-    with pytest.raises(LaaspError, match="would keep half a GPU or less.*raise ray.gpu_share"):
+    with pytest.raises(LaaspError, match="would keep 0.5 of a GPU each.*NCCL refuses; raise ray.gpu_share"):
         config_of(ray={"use_gpu": True, "num_workers": 2, "search_workers": 4})
 
 
@@ -113,7 +113,7 @@ def test_a_gpu_share_packs_several_runs_on_one_gpu() -> None:
     assert gpu_shares(config_of(prune={"selection": "importance"},  # scores nothing: no actors
                                 ray={"use_gpu": True, "num_workers": 1, "gpu_share": 0.1})) == (0.1, 0.0)
     assert gpu_shares(config_of(ray={"use_gpu": True, "gpu_share": 0.8, "search_executor": "ranks"})) == (0.8, 0.0)
-    with pytest.raises(LaaspError, match="ray.num_workers=2 training workers at ray.gpu_share=0.5 would keep"):
+    with pytest.raises(LaaspError, match=r"ray.num_workers=2 training workers would keep 0.5 of a GPU each \(ray.gpu_share=0.5"):
         config_of(ray={"use_gpu": True, "num_workers": 2, "search_executor": "ranks", "gpu_share": 0.5})
     with pytest.raises(LaaspError, match="gpu_share"):
         config_of(ray={"use_gpu": True, "gpu_share": 0})

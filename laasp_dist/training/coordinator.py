@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..config import executor_kind
 from ..pruning import PrunableNetwork, network_from_spec, network_spec
 from ..pruning.steps import macs_removed
 from . import sync
@@ -63,7 +64,7 @@ class Coordinator:
 
     def prune_round(self) -> None:
         """One search/apply round: the coordinator decides and broadcasts; every rank installs the result."""
-        from .rounds import Searcher, executor_kind
+        from .rounds import Searcher
 
         index = self.state.rounds + 1
         self.memory.reset()

@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig, load_config, save_config
+from ..config import RunConfig, gpu_shares, load_config, save_config
 from ..errors import ConfigError, DataError, LaaspError
 from ..latency_table import given_run_table, keep_run_table
 from ..runtime import ensure_ray
@@ -33,7 +33,6 @@ from ..search import check_search_inputs, read_subset
 from ..storage import Storage, as_storage
 from .checkpoint import CHECKPOINT_DIR, KEEP, latest_state
 from .data import INDEX_FILE, build_data_index, load_splits, read_data_index, subset_source, write_data_index
-from .rounds import gpu_shares
 from .schedule import schedule_warnings
 from .run_record import SUMMARY
 from .worker import arch_of, train_worker

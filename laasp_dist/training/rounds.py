@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import RunConfig
+from ..config import RunConfig, executor_kind, gpu_shares
 from ..precision import score_numerics
 from ..pruning import PrunableNetwork
 from ..search import LocalExecutor, RankExecutor, RoundResult, ScoreOptions, read_subset, search_round
@@ -41,32 +41,6 @@ from . import sync
 
 if TYPE_CHECKING:
     from ..latency_table import LatencyModel
-
-
-def executor_kind(config: RunConfig) -> str:
-    kind = config.ray.search_executor
-    if config.prune.selection == "importance":
-        return "local"
-    return "actors" if kind == "auto" else kind
-
-
-def gpu_shares(config: RunConfig) -> tuple[float, float]:
-    """(GPUs per training worker, GPUs per search actor) that the run asks Ray for.
-
-    CPU runs: (0, 0). GPU runs: a training worker and the search actors beside it take
-    ``ray.gpu_share`` of a GPU together (1 by default; less packs several runs on one GPU).
-    With search actors, each takes ``ray.search_gpu_fraction`` of that share and a training
-    worker the rest after the actors beside it (``ceil(search_workers / num_workers)``; validated
-    to leave each of several training workers more than half a GPU, so two never land on one GPU).
-    """
-    r = config.ray
-    if not r.use_gpu:
-        return 0.0, 0.0
-    if executor_kind(config) != "actors":
-        return r.gpu_share, 0.0
-    per_gpu = -(-r.search_workers // r.num_workers)
-    actor = r.gpu_share * r.search_gpu_fraction
-    return round(r.gpu_share - per_gpu * actor, 4), round(actor, 4)
 
 
 class Searcher:
