@@ -200,8 +200,9 @@ class RunConfig(Section):
 
             self.prune.round_to = resolve_round_to("auto", "cuda" if self.ray.use_gpu else "cpu")
         r = self.ray
-        if r.use_gpu and r.num_workers > 1 and gpu_shares(self)[0] <= 0.5:
-            raise ValueError(f"ray.num_workers={r.num_workers} training workers would keep {gpu_shares(self)[0]} of a "
+        worker_share = gpu_shares(self)[0]
+        if r.use_gpu and r.num_workers > 1 and worker_share <= 0.5:
+            raise ValueError(f"ray.num_workers={r.num_workers} training workers would keep {worker_share} of a "
                              f"GPU each (ray.gpu_share={r.gpu_share}, less the search actors beside them at "
                              f"ray.search_gpu_fraction={r.search_gpu_fraction}): two could share a GPU, which NCCL "
                              f"refuses; raise ray.gpu_share or lower ray.search_workers / ray.search_gpu_fraction")
