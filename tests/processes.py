@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from laasp_dist.storage import Storage
+from laasp_dist.storage import Storage, StorageError
 from laasp_dist.training.checkpoint import CHECKPOINT_DIR, checkpoint_index
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it has registered
@@ -81,7 +81,11 @@ def checkpoints_reported(run: str | Path) -> int:
     storage = Storage(run).child(CHECKPOINT_DIR)
     if not storage.is_file(SNAPSHOT):
         return 0
-    latest = storage.read_json(SNAPSHOT).get("latest_checkpoint_result") or {}
+    try:
+        snapshot = storage.read_json(SNAPSHOT)
+    except StorageError:  # the controller rewrites it in place: caught mid-write (seen on S3), read it next poll
+        return 0
+    latest = snapshot.get("latest_checkpoint_result") or {}
     return checkpoint_index(latest.get("checkpoint_dir_name", "")) or 0
 
 
